@@ -1,0 +1,166 @@
+"""Selected-head attention: the pool holds H' heads, each task computes only its H.
+
+Legend: B batch, T query length, S key length, D model width, P = H' pool heads, H active heads (slots),
+d = D / H head dim.
+
+Parameters keep the pool: q_proj/k_proj/v_proj map D -> P*d (rows grouped by head), out_proj maps the H slots
+(H*d) back to D, exactly like a dense H-head layer. A forward pass, for each task segment of the batch:
+  1. gathers the selected heads' rows of the Q/K/V weights (index_select: gradients scatter back into the pool)
+     and folds each slot's straight-through weight w into its V rows (attention is linear in V, so
+     w * softmax(qk)v == softmax(qk)(w v), and this costs H*d*D multiplies instead of B*T*D);
+  2. projects the segment's tokens with those H-head weights.
+The attention kernel and the output projection then run once over the whole batch as an ordinary H-head
+attention: no kernel ever sees the pool, and a mixed-task batch only splits the projection GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hs_scale.selection.backends import KERNELS, resolve_backend
+from hs_scale.selection.selector import HeadChoice
+
+
+class TaskSegments:
+    """Rows of a batch grouped by task id: the unit over which selected-head projections run.
+
+    Built once per model forward (one host sync) and shared by every layer. `order` sorts rows by task
+    (stable); `inverse` undoes it. A task-homogeneous batch has order None (the fast path: no permutation).
+    """
+
+    def __init__(self, task_B: Tensor):
+        task_list = task_B.tolist()
+        if all(t == task_list[0] for t in task_list):
+            self.tasks, self.counts, self.order, self.inverse = [task_list[0]], [len(task_list)], None, None
+            return
+        self.order = torch.argsort(task_B, stable=True)
+        self.inverse = torch.argsort(self.order)
+        uniq, counts = torch.unique_consecutive(task_B[self.order], return_counts=True)
+        self.tasks, self.counts = uniq.tolist(), counts.tolist()
+
+    @classmethod
+    def single(cls, task: int, batch_size: int) -> TaskSegments:
+        return cls(torch.full((batch_size,), task, dtype=torch.long))
+
+    def map(self, fn, x: Tensor) -> Tensor:
+        """Apply fn(task, rows) to each task's rows of x (first dim = batch) and reassemble in batch order."""
+        if self.order is None:
+            return fn(self.tasks[0], x)
+        parts = x.index_select(0, self.order).split(self.counts)
+        out = torch.cat([fn(task, rows) for task, rows in zip(self.tasks, parts)])
+        return out.index_select(0, self.inverse)
+
+
+class SelectedHeadAttention(nn.Module):
+    """Multi-head attention over H heads chosen per task from a pool of P (self- or cross-attention).
+
+    With P == H and no choice this is an ordinary dense attention with the parameter layout of
+    transformers' Speech2Text/M2M100 attention (scaling d**-0.5, biases on all four projections).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        pool_heads: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        backend: str = "sdpa",
+    ):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.pool_heads = pool_heads or num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout, self.backend = dropout, backend
+        pool_width = self.pool_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, pool_width, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, pool_width, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, pool_width, bias=bias)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, pool={self.pool_heads}, head_dim={self.head_dim}, backend={self.backend}"
+
+    def _task_weights(self, choice: HeadChoice | None, task: int, names: str) -> tuple[Tensor, Tensor | None]:
+        """Weights [len(names)*H*d, D] (and bias) of the task's selected heads for projections `names` ("qkv")."""
+        P, d, D = self.pool_heads, self.head_dim, self.embed_dim
+        weights, biases = [], []
+        for name in names:
+            proj: nn.Linear = getattr(self, f"{name}_proj")
+            W_HdD, b_Hd = proj.weight.view(P, d, D), None if proj.bias is None else proj.bias.view(P, d)
+            if choice is not None:
+                heads_H = choice.heads[task]
+                W_HdD = W_HdD.index_select(0, heads_H)
+                b_Hd = None if b_Hd is None else b_Hd.index_select(0, heads_H)
+                if name == "v":
+                    w_H = choice.weights[task].to(W_HdD.dtype)
+                    W_HdD = W_HdD * w_H[:, None, None]
+                    b_Hd = None if b_Hd is None else b_Hd * w_H[:, None]
+            weights.append(W_HdD.reshape(-1, D))
+            biases.append(None if b_Hd is None else b_Hd.reshape(-1))
+        bias = None if biases[0] is None else torch.cat(biases)
+        return torch.cat(weights), bias
+
+    def _project(self, x_BTD: Tensor, choice, segments: TaskSegments, names: str) -> list[Tensor]:
+        """Project x with the selected heads' weights; returns one [B, H, T, d] tensor per name."""
+        if choice is None:
+            y = F.linear(x_BTD, *self._task_weights(None, 0, names))
+        else:
+            y = segments.map(lambda task, rows: F.linear(rows, *self._task_weights(choice, task, names)), x_BTD)
+        B, T = x_BTD.shape[:2]
+        y_BTnHd = y.view(B, T, len(names), self.num_heads, self.head_dim)
+        return [y_BTnHd[:, :, i].transpose(1, 2) for i in range(len(names))]
+
+    def forward(
+        self,
+        x_BTD: Tensor,
+        *,
+        choice: HeadChoice | None = None,
+        task_B: Tensor | TaskSegments | None = None,
+        memory_BSD: Tensor | None = None,
+        key_padding_mask_BS: Tensor | None = None,
+        causal: bool = False,
+        cache: dict | None = None,
+    ) -> Tensor:
+        """Attention output [B, T, D].
+
+        choice: the layer's HeadChoice (None: dense, requires pool_heads == num_heads).
+        task_B: long [B] task id per row (or prebuilt TaskSegments); may be None when choice has one task.
+        memory_BSD: keys/values source for cross-attention (None: self-attention).
+        key_padding_mask_BS: bool, True marks a padded key (over memory for cross-attention, over the cached
+            plus new keys for cached self-attention).
+        cache: a dict owned by the caller, one per layer per generation. Self-attention appends this step's
+            selected-head k/v ([B, H, S, d]); cross-attention computes them on the first call and reuses them.
+        """
+        if choice is None and self.pool_heads != self.num_heads:
+            raise ValueError("a pooled attention layer needs a HeadChoice; pass choice=")
+        if choice is not None and task_B is None:
+            if choice.num_tasks != 1:
+                raise ValueError("task_B is required when the choice covers several tasks")
+            task_B = torch.zeros(x_BTD.shape[0], dtype=torch.long, device=x_BTD.device)
+        segments = task_B if isinstance(task_B, TaskSegments) or task_B is None else TaskSegments(task_B)
+
+        if memory_BSD is None:
+            q, k, v = self._project(x_BTD, choice, segments, "qkv")
+            if cache is not None:
+                if "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        else:
+            (q,) = self._project(x_BTD, choice, segments, "q")
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = self._project(memory_BSD, choice, segments, "kv")
+                if cache is not None:
+                    cache["k"], cache["v"] = k, v
+
+        kernel = KERNELS[resolve_backend(self.backend, q.device, q.dtype)]
+        dropout_p = self.dropout if self.training else 0.0
+        out_BHTd = kernel(q, k, v, key_padding_mask_BS, causal and memory_BSD is None, dropout_p)
+        B, T = x_BTD.shape[:2]
+        return self.out_proj(out_BHTd.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

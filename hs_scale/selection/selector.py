@@ -1,0 +1,198 @@
+"""The head selector: per-task logits phi over a pool of heads, and the heads they pick.
+
+Legend: K tasks, L layers, P = H' pool heads, H active heads (slots), r = P / H heads per group.
+
+Gong et al. 2021, section 3. Each (task k, layer l) owns logits phi[k, l, :] over the P pool heads.
+Training draws, once per forward, a two-class Gumbel-softmax relaxation
+
+    s = sigmoid((phi + g1 - g2) / tau),   g1, g2 ~ Gumbel(0, 1)
+
+and keeps H heads:
+  * group:  slot g takes argmax of s over pool heads [g*r, (g+1)*r)   (contiguous groups, stable slot order)
+  * subset: the H largest s, slotted in ascending head order (the reference code slots them by noisy value,
+            which feeds a head to different output-projection columns from step to step).
+Each kept head gets the straight-through weight w = s - s.detach() + 1: exactly 1 in value, ds in gradient, so
+dL/dphi carries <dL/d out_h, out_h>, the same quantity as the Michel et al. and LAHIS head-importance scores.
+Evaluation and inference are deterministic: the same rule applied to phi itself (no noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class HeadChoice:
+    """Heads picked for one attention layer, for every task.
+
+    heads:   long  [K, H]  pool-head index feeding each slot
+    weights: float [K, H]  straight-through slot weights (value 1, gradient into phi)
+    """
+
+    heads: Tensor
+    weights: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.heads.shape[0]
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 over a tuple of ints: decorrelated generator seeds for neighbouring (draw, layer) pairs."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def selection_noise(seed: int, draw: int, layer: int, num_tasks: int, pool_heads: int) -> Tensor:
+    """g1 - g2 for every (task, pool head) of one layer: float32 [K, P], on CPU.
+
+    A pure function of (seed, draw, layer): resuming at the same draw counter gives the same noise, and a
+    tensor-parallel rank reproduces the single-process draw by slicing its pool columns.
+    """
+    gen = torch.Generator().manual_seed(_mix(seed, draw, layer))
+    u = torch.rand(2, num_tasks, pool_heads, generator=gen, dtype=torch.float64)
+    u = u.clamp_(1e-12, 1 - 1e-12)
+    gumbel = -torch.log(-torch.log(u))
+    return (gumbel[0] - gumbel[1]).float()
+
+
+def select_heads(
+    logits_KP: Tensor,
+    active_heads: int,
+    strategy: str,
+    temperature: float,
+    noise_KP: Tensor | None = None,
+    partitions: int = 1,
+) -> HeadChoice:
+    """Map logits (and optional Gumbel noise) to the heads each task uses.
+
+    `partitions` t > 1 is the tensor-parallel form: the pool is cut into t contiguous partitions and each
+    picks H/t heads (identical to plain group selection; a *balanced* subset for the subset strategy).
+    noise_KP=None is the deterministic evaluation rule.
+    """
+    K, P = logits_KP.shape
+    scores = logits_KP if noise_KP is None else logits_KP + noise_KP.to(logits_KP)
+    s_KP = torch.sigmoid(scores / temperature)
+    if strategy == "group":
+        r = P // active_heads
+        best_KH = s_KP.detach().view(K, active_heads, r).argmax(dim=-1)
+        heads_KH = best_KH + torch.arange(active_heads, device=s_KP.device) * r
+    elif strategy == "subset":
+        per_part, width = active_heads // partitions, P // partitions
+        parts_KtW = s_KP.detach().view(K, partitions, width)
+        top_Ktn = parts_KtW.topk(per_part, dim=-1).indices.sort(dim=-1).values
+        offsets = torch.arange(partitions, device=s_KP.device)[:, None] * width
+        heads_KH = (top_Ktn + offsets).reshape(K, active_heads)
+    else:
+        raise ValueError(f"unknown selection strategy {strategy!r}")
+    s_KH = s_KP.gather(1, heads_KH)
+    return HeadChoice(heads=heads_KH, weights=s_KH - s_KH.detach() + 1.0)
+
+
+def bernoulli_kl(logits: Tensor, prior: float) -> Tensor:
+    """Elementwise KL(Bernoulli(sigmoid(logits)) || Bernoulli(prior)), computed in log space."""
+    q = torch.sigmoid(logits)
+    log_q, log_1mq = nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits)
+    prior_t = torch.tensor(prior, dtype=logits.dtype, device=logits.device)
+    return q * (log_q - prior_t.log()) + (1 - q) * (log_1mq - torch.log1p(-prior_t))
+
+
+class HeadSelector(nn.Module):
+    """Selector logits phi [K, L, P] for one attention type, and the choice they make each forward.
+
+    Training: every call of forward() is one draw (one Gumbel sample per task per layer); the draw counter is a
+    buffer, so a checkpoint resumes the noise sequence exactly. Eval: deterministic, counter untouched.
+    `first_layer` is the global index of this selector's first layer (pipeline stages hold a slice of layers
+    and must draw the same noise as a single process).
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        num_layers: int,
+        pool_heads: int,
+        active_heads: int,
+        strategy: str = "group",
+        temperature: float = 5.0,
+        seed: int = 0,
+        init_range: tuple[float, float] = (-4.605170185988091, 0.0),
+        first_layer: int = 0,
+    ):
+        super().__init__()
+        if strategy == "group" and pool_heads % active_heads:
+            raise ValueError(f"group selection needs pool_heads ({pool_heads}) to be a multiple of H ({active_heads})")
+        if active_heads > pool_heads:
+            raise ValueError(f"cannot select {active_heads} heads from a pool of {pool_heads}")
+        self.num_tasks, self.num_layers = num_tasks, num_layers
+        self.pool_heads, self.active_heads = pool_heads, active_heads
+        self.strategy, self.seed, self.first_layer = strategy, seed, first_layer
+        self.logits = nn.Parameter(torch.empty(num_tasks, num_layers, pool_heads).uniform_(*init_range))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def set_temperature(self, tau: float) -> None:
+        self.temperature.fill_(tau)
+
+    def forward(self) -> list[HeadChoice]:
+        """One HeadChoice per layer (all K tasks); in training this consumes one draw."""
+        tau = float(self.temperature)
+        choices = []
+        draw = int(self.draws)
+        for layer in range(self.num_layers):
+            noise = None
+            if self.training:
+                noise = selection_noise(
+                    self.seed, draw, self.first_layer + layer, self.num_tasks, self.pool_heads
+                ).to(self.logits.device)
+            choices.append(select_heads(self.logits[:, layer], self.active_heads, self.strategy, tau, noise))
+        if self.training:
+            self.draws += 1
+        return choices
+
+    def kl(self, task_ids: Tensor | None = None) -> Tensor:
+        """KL(q(z) || Bernoulli(H/P)) summed over layers and pool heads, averaged over the given tasks.
+
+        q(z_h = 1) = sigmoid(phi_h) is the Bernoulli the relaxed sample approximates; the prior keeps H of P.
+        task_ids: long [B] (duplicates are counted once) or None for every task.
+        """
+        logits = self.logits if task_ids is None else self.logits[torch.unique(task_ids)]
+        per_task = bernoulli_kl(logits, self.active_heads / self.pool_heads).sum(dim=(1, 2))
+        return per_task.mean()
+
+    @torch.no_grad()
+    def table(self) -> list[list[list[int]]]:
+        """Deterministic selection: table[task][layer] = pool heads in slot order."""
+        tau = float(self.temperature)
+        per_layer = [
+            select_heads(self.logits[:, layer], self.active_heads, self.strategy, tau).heads.tolist()
+            for layer in range(self.num_layers)
+        ]
+        return [[per_layer[layer][k] for layer in range(self.num_layers)] for k in range(self.num_tasks)]
+
+    def extra_repr(self) -> str:
+        return (
+            f"tasks={self.num_tasks}, layers={self.num_layers}, pool={self.pool_heads}, "
+            f"active={self.active_heads}, strategy={self.strategy}"
+        )
+
+
+def format_selection_table(tables: dict[str, list[list[list[int]]]], task_names: list[str]) -> str:
+    """Text table: one row per (attention type, task), one column per layer, cells list the heads."""
+    lines = []
+    for attn_type, table in tables.items():
+        num_layers = len(table[0]) if table else 0
+        header = f"{attn_type:<14} {'task':<12} " + " ".join(f"L{layer:<10}" for layer in range(num_layers))
+        lines.append(header)
+        for name, per_layer in zip(task_names, table):
+            cells = " ".join(f"{','.join(map(str, heads)):<11}" for heads in per_layer)
+            lines.append(f"{'':<14} {name:<12} {cells}")
+    return "\n".join(lines)
