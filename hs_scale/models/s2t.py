@@ -1,0 +1,98 @@
+"""The paper's S2T Transformer: Conv1d subsampler + pre-LN encoder-decoder (HF ``Speech2TextForConditionalGeneration``).
+
+Legend: B batch, T feature frames, F features per frame, C channels, S encoder positions (T / 2**n_conv),
+L target length, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hs_scale.models.config import ModelConfig
+from hs_scale.models.layers import Encoder
+from hs_scale.models.seq2seq import Seq2SeqModel
+from hs_scale.selection.config import SelectionConfig
+
+
+class Conv1dSubsampler(nn.Module):
+    """Stride-2 Conv1d layers along time, each followed by a GLU over channels (HF / fairseq Conv1dSubsampler).
+
+    F -> conv_channels -> GLU (/2) -> ... -> last conv to 2*D -> GLU -> D.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = len(cfg.conv_kernel_sizes)
+        self.conv_layers = nn.ModuleList(
+            nn.Conv1d(
+                cfg.input_feat_per_channel if i == 0 else cfg.conv_channels // 2,
+                cfg.conv_channels if i < n - 1 else cfg.d_model * 2,
+                kernel_size=k,
+                stride=2,
+                padding=k // 2,
+            )
+            for i, k in enumerate(cfg.conv_kernel_sizes)
+        )
+
+    def forward(self, features_BTF: Tensor) -> Tensor:
+        """x_BSD from features_BTF. Padded frames are convolved too (as in HF); the length mask hides them later."""
+        x_BCT = features_BTF.transpose(1, 2).contiguous()
+        for conv in self.conv_layers:
+            x_BCT = nn.functional.glu(conv(x_BCT), dim=1)
+        return x_BCT.transpose(1, 2).contiguous()
+
+    def output_lengths(self, lengths_B: Tensor) -> Tensor:
+        """Frames after subsampling: (L - 1) // 2 + 1 per layer (odd kernels, padding k // 2, stride 2)."""
+        for _ in self.conv_layers:
+            lengths_B = torch.div(lengths_B - 1, 2, rounding_mode="floor") + 1
+        return lengths_B
+
+
+class SpeechEncoder(Encoder):
+    """Subsampler + scaling, then the shared encoder stack (so HF's ``model.encoder.conv`` maps to ``encoder.conv``)."""
+
+    def __init__(self, cfg: ModelConfig, pool_heads: int | None):
+        super().__init__(cfg, pool_heads)
+        self.conv = Conv1dSubsampler(cfg)
+        self.embed_scale = cfg.d_model**0.5 if cfg.scale_embedding else 1.0
+
+    def embed(self, features_BTF: Tensor, feature_lengths_B: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(x_BSD scaled, padding_mask_BS) with True marking positions past each utterance's subsampled length."""
+        x_BSD = self.conv(features_BTF) * self.embed_scale
+        B, S = x_BSD.shape[:2]
+        if feature_lengths_B is None:
+            return x_BSD, torch.zeros(B, S, dtype=torch.bool, device=x_BSD.device)
+        lengths_B = self.conv.output_lengths(feature_lengths_B.to(x_BSD.device))
+        return x_BSD, torch.arange(S, device=x_BSD.device)[None, :] >= lengths_B[:, None]
+
+
+class S2TTransformer(Seq2SeqModel):
+    """Speech encoder-decoder with per-task head selection; with selection off, HF Speech2Text exactly."""
+
+    def __init__(self, cfg: ModelConfig, selection: SelectionConfig | None = None, num_tasks: int = 1):
+        if cfg.arch != "s2t":
+            raise ValueError(f"S2TTransformer needs model.arch='s2t', got {cfg.arch!r}")
+        super().__init__(cfg, selection, num_tasks)
+        self.encoder = SpeechEncoder(cfg, self.pool_heads("encoder_self"))
+        self.apply(self._init_weights)
+
+    def encode(
+        self, features_BTF: Tensor, feature_lengths_B: Tensor | None = None, src_task_B: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(memory_BSD, memory_padding_mask_BS) from filterbanks features_BTF [B, T, F] (float, right-padded)
+        and feature_lengths_B (long [B] valid frames; None = no padding). Mask: bool, True = padded position."""
+        x_BSD, padding_mask_BS = self.encoder.embed(features_BTF, feature_lengths_B)
+        return self.encode_embedded(x_BSD, padding_mask_BS, src_task_B), padding_mask_BS
+
+    def forward(
+        self,
+        features_BTF: Tensor,
+        feature_lengths_B: Tensor | None,
+        decoder_input_BL: Tensor,
+        src_task_B: Tensor | None = None,
+        tgt_task_B: Tensor | None = None,
+    ) -> Tensor:
+        """logits_BLV for teacher-forced decoder inputs (start token + target shifted right, pad-padded)."""
+        memory_BSD, memory_padding_mask_BS = self.encode(features_BTF, feature_lengths_B, src_task_B)
+        return self.decode(decoder_input_BL, memory_BSD, memory_padding_mask_BS, tgt_task_B)

@@ -1,0 +1,168 @@
+"""What the speech and text encoder-decoders share: selectors, decoding with a KV cache, logits, init.
+
+Legend: B batch, S source length (after subsampling), L target length, D model width, V vocabulary, K tasks.
+
+Head selection (Gong et al. 2021): each *selected* attention type owns one ``HeadSelector`` with logits
+phi[K, layers, H']. The encoder is keyed on the source task (``src_task_B``), decoder self- and cross-attention
+on the target task (``tgt_task_B``). A selector is called once per forward (training: one Gumbel draw per task
+and layer) and once per generation (stored in the ``DecoderCache``), never once per decoding step.
+An attention type whose selection is off is an ordinary dense H-head attention and has no selector.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hs_scale.models.config import ModelConfig
+from hs_scale.models.layers import Decoder, DecoderCache, LayerChoices
+from hs_scale.selection.attention import TaskSegments
+from hs_scale.selection.config import SelectionConfig
+from hs_scale.selection.selector import HeadSelector
+
+ATTENTION_TYPES = ("encoder_self", "decoder_self", "cross")
+ENCODER_TYPES = ("encoder_self",)
+DECODER_TYPES = ("decoder_self", "cross")
+
+
+class Seq2SeqModel(nn.Module):
+    """Base of ``S2TTransformer`` and ``TextTransformer``: subclasses build ``self.encoder`` and implement
+    ``encode``; this class owns the decoder, the LM head and the selectors."""
+
+    def __init__(self, cfg: ModelConfig, selection: SelectionConfig | None, num_tasks: int):
+        super().__init__()
+        selection = selection if selection is not None else SelectionConfig(enabled=False)
+        selection.check_heads(cfg.num_heads)
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks={num_tasks} must be >= 1 (the size of the task vocabulary)")
+        self.config, self.selection_config, self.num_tasks = cfg, selection, num_tasks
+        self.selected_types = selection.selected_types()
+        num_layers = {
+            "encoder_self": cfg.encoder_layers,
+            "decoder_self": cfg.decoder_layers,
+            "cross": cfg.decoder_layers,
+        }
+        # NOTE: each type gets its own seed so that, e.g., encoder layer 0 and cross-attention layer 0 do not
+        # draw the same Gumbel noise (the noise is a pure function of (seed, draw, layer)).
+        self.selectors = nn.ModuleDict(
+            {
+                name: HeadSelector(
+                    num_tasks,
+                    num_layers[name],
+                    selection.pool_heads,
+                    cfg.num_heads,
+                    strategy=selection.strategy,
+                    temperature=selection.temperature,
+                    seed=selection.seed + ATTENTION_TYPES.index(name),
+                    init_range=(selection.init_low, selection.init_high),
+                )
+                for name in self.selected_types
+            }
+        )
+
+        embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.decoder = Decoder(cfg, embed_tokens, self.pool_heads("decoder_self"), self.pool_heads("cross"))
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    # ----------------------------------------------------------------------------------------------- selection
+    def pool_heads(self, attention_type: str) -> int | None:
+        """H' of an attention type, or None where it is dense (no selection)."""
+        return self.selection_config.pool_heads if attention_type in self.selected_types else None
+
+    def _choices(self, types: tuple[str, ...]) -> dict[str, LayerChoices]:
+        """One selector call per selected type: the heads of every layer, for every task."""
+        return {t: self.selectors[t]() if t in self.selectors else None for t in types}
+
+    def _segments(self, task_B: Tensor | None, types: tuple[str, ...], arg: str) -> TaskSegments | None:
+        """Group the batch by task once per forward, and only if some attention of ``types`` selects heads."""
+        if not any(t in self.selectors for t in types):
+            return None
+        if task_B is None:
+            if self.num_tasks == 1:
+                return None  # single-task model: the attention uses task 0 for every row
+            raise ValueError(
+                f"{arg} is required: {'/'.join(t for t in types if t in self.selectors)} attention "
+                f"selects heads per task (pass a long tensor [B] of task ids)"
+            )
+        return TaskSegments(task_B)
+
+    def head_selection_table(self) -> dict[str, list[list[list[int]]]]:
+        """Deterministic selection per selected type: table[type][task][layer] = pool heads in slot order."""
+        return {name: selector.table() for name, selector in self.selectors.items()}
+
+    def selection_kl(self, *, src_task_B: Tensor | None = None, tgt_task_B: Tensor | None = None) -> Tensor:
+        """Sum of the selectors' KL(q(z) || Bernoulli(H/H')) terms, *unweighted* (the trainer multiplies by
+        ``selection.kl_weight``). The encoder's term averages over ``src_task_B``'s tasks, the decoder's over
+        ``tgt_task_B``'s; None means every task. Zero when nothing is selected."""
+        total = torch.zeros((), device=self.decoder.layer_norm.weight.device)
+        for name, selector in self.selectors.items():
+            total = total + selector.kl(src_task_B if name in ENCODER_TYPES else tgt_task_B)
+        return total
+
+    def set_selection_temperature(self, tau: float) -> None:
+        """Set the Gumbel temperature of every selector (annealing: ``selection_config.temperature_at(step)``)."""
+        for selector in self.selectors.values():
+            selector.set_temperature(tau)
+
+    # ----------------------------------------------------------------------------------------------- decoding
+    def new_cache(self) -> DecoderCache:
+        """An empty KV cache for one incremental decoding run (generation)."""
+        return DecoderCache.empty(self.config.decoder_layers)
+
+    def decode(
+        self,
+        decoder_input_BL: Tensor,
+        memory_BSD: Tensor,
+        memory_padding_mask_BS: Tensor | None,
+        tgt_task_B: Tensor | None = None,
+        cache: DecoderCache | None = None,
+    ) -> Tensor:
+        """logits_BLV of the next token after each decoder input.
+
+        Without ``cache``: full (teacher-forced) decoding of ``decoder_input_BL``, with a fresh head selection.
+        With ``cache``: ``decoder_input_BL`` holds only the new tokens (usually L = 1); the selection made on the
+        cache's first call is reused, and keys/values of the selected heads are appended to the cache.
+        """
+        if cache is not None and cache.choices is None:
+            cache.choices = self._choices(DECODER_TYPES)
+        choices = cache.choices if cache is not None else self._choices(DECODER_TYPES)
+        segments = self._segments(tgt_task_B, DECODER_TYPES, "tgt_task_B")
+        h_BLD = self.decoder(
+            decoder_input_BL,
+            memory_BSD,
+            memory_padding_mask_BS,
+            choices["decoder_self"],
+            choices["cross"],
+            segments,
+            cache=cache,
+        )
+        return self.output_projection(h_BLD)
+
+    def output_projection(self, h_BLD: Tensor) -> Tensor:
+        """logits_BLV; with tied embeddings the decoder's embedding matrix is the LM head."""
+        weight_VD = self.decoder.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h_BLD, weight_VD)
+
+    def encode_embedded(self, x_BSD: Tensor, padding_mask_BS: Tensor, src_task_B: Tensor | None) -> Tensor:
+        """Encoder stack on embedded (scaled) inputs: memory_BSD."""
+        choices = self._choices(ENCODER_TYPES)
+        segments = self._segments(src_task_B, ENCODER_TYPES, "src_task_B")
+        return self.encoder(x_BSD, padding_mask_BS, choices["encoder_self"], segments)
+
+    # ----------------------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """HF's init (normal(0, init_std) weights, zero biases, zero pad row); selector logits keep their own."""
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
