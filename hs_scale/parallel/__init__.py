@@ -1,0 +1,44 @@
+"""Model parallelism for hs_scale: megatron-core process groups, tensor-parallel selected-head attention, the
+CPU shim megatron-core needs without CUDA, and a gloo multi-process test harness.
+
+    layout.py        ParallelConfig, layout checks (plain functions of numbers), process groups
+    cpu_shim.py      the CPU compatibility shim for megatron-core 0.16 (applied only without CUDA)
+    tp_attention.py  TPSelectedHeadAttention, TPHeadSelector (phi partitioned over TP ranks), shard_choice
+    tp_model.py      parallelize_tensor(model, groups): swap a built model's attention/selectors/FFN for TP shards
+    data_parallel.py build_engine: megatron-core DDP + torch AdamW, or DeepSpeed ZeRO 0/1/2 (one config switch)
+    collectives.py   CollectiveCounter: count collectives per step
+    harness.py       run_distributed: N spawned gloo ranks with bounded timeouts (tests)
+
+Nothing here is imported by the single-device model code; megatron-core is imported lazily by the modules that
+need it, so `import hs_scale.parallel` stays cheap.
+"""
+
+from hs_scale.parallel.layout import (
+    ENGINES,
+    LayoutError,
+    ParallelConfig,
+    ParallelGroups,
+    check_engine,
+    check_ffn,
+    check_heads,
+    check_pipeline,
+    check_vocab,
+    check_world,
+    padded_vocab_size,
+    validate_layout,
+)
+
+__all__ = [
+    "ENGINES",
+    "LayoutError",
+    "ParallelConfig",
+    "ParallelGroups",
+    "check_engine",
+    "check_ffn",
+    "check_heads",
+    "check_pipeline",
+    "check_vocab",
+    "check_world",
+    "padded_vocab_size",
+    "validate_layout",
+]
