@@ -112,7 +112,9 @@ class HeadSelector(nn.Module):
     Training: every call of forward() is one draw (one Gumbel sample per task per layer); the draw counter is a
     buffer, so a checkpoint resumes the noise sequence exactly. Eval: deterministic, counter untouched.
     `first_layer` is the global index of this selector's first layer (pipeline stages hold a slice of layers
-    and must draw the same noise as a single process).
+    and must draw the same noise as a single process). `partitions` t > 1 selects H/t heads inside each of t
+    contiguous pool partitions: what t tensor-parallel ranks do, reproducible on one process (a balanced
+    subset; no change for the group strategy).
     """
 
     def __init__(
@@ -126,15 +128,18 @@ class HeadSelector(nn.Module):
         seed: int = 0,
         init_range: tuple[float, float] = (-4.605170185988091, 0.0),
         first_layer: int = 0,
+        partitions: int = 1,
     ):
         super().__init__()
+        if active_heads % partitions or pool_heads % partitions:
+            raise ValueError(f"partitions={partitions} must divide H ({active_heads}) and the pool ({pool_heads})")
         if strategy == "group" and pool_heads % active_heads:
             raise ValueError(f"group selection needs pool_heads ({pool_heads}) to be a multiple of H ({active_heads})")
         if active_heads > pool_heads:
             raise ValueError(f"cannot select {active_heads} heads from a pool of {pool_heads}")
         self.num_tasks, self.num_layers = num_tasks, num_layers
         self.pool_heads, self.active_heads = pool_heads, active_heads
-        self.strategy, self.seed, self.first_layer = strategy, seed, first_layer
+        self.strategy, self.seed, self.first_layer, self.partitions = strategy, seed, first_layer, partitions
         self.logits = nn.Parameter(torch.empty(num_tasks, num_layers, pool_heads).uniform_(*init_range))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
@@ -153,7 +158,9 @@ class HeadSelector(nn.Module):
                 noise = selection_noise(
                     self.seed, draw, self.first_layer + layer, self.num_tasks, self.pool_heads
                 ).to(self.logits.device)
-            choices.append(select_heads(self.logits[:, layer], self.active_heads, self.strategy, tau, noise))
+            choices.append(
+                select_heads(self.logits[:, layer], self.active_heads, self.strategy, tau, noise, self.partitions)
+            )
         if self.training:
             self.draws += 1
         return choices
@@ -173,7 +180,8 @@ class HeadSelector(nn.Module):
         """Deterministic selection: table[task][layer] = pool heads in slot order."""
         tau = float(self.temperature)
         per_layer = [
-            select_heads(self.logits[:, layer], self.active_heads, self.strategy, tau).heads.tolist()
+            select_heads(self.logits[:, layer], self.active_heads, self.strategy, tau, None, self.partitions)
+            .heads.tolist()
             for layer in range(self.num_layers)
         ]
         return [[per_layer[layer][k] for layer in range(self.num_layers)] for k in range(self.num_tasks)]
