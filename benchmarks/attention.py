@@ -1,0 +1,123 @@
+"""Forward+backward time of one attention layer: dense vs compute-all-then-gather vs hs_scale.
+
+    python benchmarks/attention.py [--quick] [--json PATH] [--device cuda --dtype bf16 --backend flash]
+
+Rows (same B, T, d, H; pool H' for the selection rows):
+  a  dense       ordinary H-head attention (SDPA)
+  b  reference   the public reference code's way: project and attend all H' heads, then gather H per sample
+  c  hs_single   hs_scale, task-homogeneous batch (only the H selected heads are projected and attended)
+  d  hs_mixed    hs_scale, batch mixing 8 tasks (projections split per task segment)
+Ratios written with --json: ratio_single_vs_dense (c/a), ratio_mixed_vs_dense (d/a), ratio_reference_vs_single (b/c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from hs_scale.selection.attention import SelectedHeadAttention, TaskSegments
+from hs_scale.selection.backends import KERNELS, resolve_backend
+from hs_scale.selection.selector import HeadSelector
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def reference_forward(layer: SelectedHeadAttention, x_BTD, heads_BH, weights_BH, kernel):
+    """All P heads projected and attended (one fused QKV GEMM, same kernel), then H gathered per sample."""
+    B, T, D = x_BTD.shape
+    P, d, H = layer.pool_heads, layer.head_dim, layer.num_heads
+    w_qkv = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight])
+    b_qkv = torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
+    qkv = torch.nn.functional.linear(x_BTD, w_qkv, b_qkv).view(B, T, 3, P, d)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out_BPTd = kernel(q, k, v, None, False, 0.0)
+    index = heads_BH[:, :, None, None].expand(B, H, T, d)
+    out_BHTd = out_BPTd.gather(1, index) * weights_BH[:, :, None, None].to(out_BPTd.dtype)
+    return layer.out_proj(out_BHTd.transpose(1, 2).reshape(B, T, H * d))
+
+
+def time_fwd_bwd(fn, x, iters: int, warmup: int, device) -> float:
+    """Median seconds of one forward+backward."""
+    times = []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(x).float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--pool", type=int, default=16)
+    parser.add_argument("--tasks", type=int, default=8, help="tasks mixed in row d")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--backend", default="sdpa", help="sdpa | eager | flash (flash needs CUDA + flash-attn)")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute on 2 CPU cores)")
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iters, args.warmup = 3, 1
+
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    B, T, D, H, P = args.batch, args.seq, args.dim, args.heads, args.pool
+    backend = resolve_backend(args.backend, device, dtype)
+    kernel = KERNELS[backend]
+
+    dense = SelectedHeadAttention(D, H, pool_heads=H, backend=backend).to(device, dtype)
+    pooled = SelectedHeadAttention(D, H, pool_heads=P, backend=backend).to(device, dtype)
+    selector = HeadSelector(args.tasks, 1, P, H, strategy="group").to(device)
+    single_task = torch.zeros(B, dtype=torch.long, device=device)
+    mixed_task = torch.arange(B, device=device) % args.tasks
+    single_segments, mixed_segments = TaskSegments(single_task), TaskSegments(mixed_task)
+    x = torch.randn(B, T, D, device=device, dtype=dtype, requires_grad=True)
+
+    def run_reference(inp):
+        choice = selector()[0]
+        return reference_forward(pooled, inp, choice.heads[single_task], choice.weights[single_task], kernel)
+
+    rows = {
+        "a_dense": lambda inp: dense(inp),
+        "b_reference": run_reference,
+        "c_hs_single": lambda inp: pooled(inp, choice=selector()[0], task_B=single_segments),
+        "d_hs_mixed": lambda inp: pooled(inp, choice=selector()[0], task_B=mixed_segments),
+    }
+    seconds = {name: time_fwd_bwd(fn, x, args.iters, args.warmup, device) for name, fn in rows.items()}
+    result = {
+        "config": dict(B=B, T=T, d=D, H=H, H_pool=P, tasks_mixed=args.tasks, device=str(device),
+                       dtype=args.dtype, backend=backend, threads=torch.get_num_threads(), iters=args.iters),
+        "ms_fwd_bwd": {name: 1000 * s for name, s in seconds.items()},
+        "ratio_single_vs_dense": seconds["c_hs_single"] / seconds["a_dense"],
+        "ratio_mixed_vs_dense": seconds["d_hs_mixed"] / seconds["a_dense"],
+        "ratio_reference_vs_single": seconds["b_reference"] / seconds["c_hs_single"],
+    }
+    print(f"attention fwd+bwd  B={B} T={T} d={D} H={H} H'={P} {args.dtype} {device} backend={backend}")
+    print(f"{'row':<14}{'ms':>10}{'vs dense':>10}")
+    for name, s in seconds.items():
+        print(f"{name:<14}{1000 * s:>10.2f}{s / seconds['a_dense']:>10.2f}")
+    for key in ("ratio_single_vs_dense", "ratio_mixed_vs_dense", "ratio_reference_vs_single"):
+        print(f"{key:<28}{result[key]:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The run configuration: one typed dataclass per component, loaded from YAML plus command-line overrides.
+
+    cfg = load_config("configs/demo_asr.yaml", ["--selection.strategy", "subset", "--train.steps=200"])
+
+Every section is a dataclass owned by its component (model, selection, data, parallel, train, synthetic) and
+validates itself in ``__post_init__``; `Config.__post_init__` adds the checks that need two sections at once
+(pool vs active heads, the parallel layout, task keys). Any refusal is a `ConfigError` that names the field
+(``selection.pool_heads``) and says what to change - at load time, never deep inside a reshape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hs_scale.data.config import DataConfig
+from hs_scale.models.config import ModelConfig
+from hs_scale.parallel.layout import ParallelConfig, padded_vocab_size, validate_layout
+from hs_scale.selection.config import SelectionConfig
+from hs_scale.training.config import TrainConfig
+from hs_scale.training.synthetic import SyntheticConfig
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field and the fix."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture (the `model:` section)."""
+
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Head selection (the `selection:` section)."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline / data parallel layout and data-parallel engine (the `parallel:` section)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimiser, schedule, logging (the `train:` section)."""
+
+    data: DataConfig | None = None
+    """Sharded corpus to train on (the `data:` section). Exactly one of `data` and `synthetic` is set."""
+
+    synthetic: SyntheticConfig | None = None
+    """In-process synthetic multilingual task instead of a corpus (the `synthetic:` section)."""
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.synthetic is None):
+            raise ConfigError("set exactly one of the sections `data:` (a corpus) and `synthetic:` (built-in task)")
+        try:
+            self.selection.check_heads(self.model.num_heads)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.synthetic is not None and self.model.arch != "text":
+            raise ConfigError("the synthetic task is text-to-text; set model.arch=text")
+        if self.data is not None:
+            if self.data.task_key != self.selection.task_key:
+                raise ConfigError(
+                    f"data.task_key={self.data.task_key!r} differs from selection.task_key="
+                    f"{self.selection.task_key!r}; set both to the same key"
+                )
+            if self.data.modality != {"s2t": "speech", "text": "text"}[self.model.arch]:
+                raise ConfigError(
+                    f"data.modality={self.data.modality!r} does not fit model.arch={self.model.arch!r}; "
+                    "use speech with s2t and text with text"
+                )
+        p = self.parallel
+        try:
+            validate_layout(
+                p,
+                world_size=p.model_parallel * (p.data_parallel or 1),
+                num_heads=self.model.num_heads,
+                pool_heads=self.selection.pool_heads if self.selection.enabled else self.model.num_heads,
+                encoder_layers=self.model.encoder_layers,
+                decoder_layers=self.model.decoder_layers,
+                ffn_dim=self.model.ffn_dim,
+                vocab_size=padded_vocab_size(self.model.vocab_size, p.tensor_parallel),
+                strategy=self.selection.strategy,
+            )
+        except ValueError as err:
+            raise ConfigError(f"parallel: {err}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dict -> dataclass with field names and types checked
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string; accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build_dataclass(cls: type, raw: Any, where: str) -> Any:
+    """Instantiate `cls` from a mapping, refusing unknown fields and wrong types with the field's full name."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {_join(where, close[0])}?" if close else f"; known fields: {', '.join(names)}"
+            raise ConfigError(f"{_join(where, key)}: unknown field{hint}")
+        kwargs[key] = _check_value(value, hints[key], _join(where, key))
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        raise ConfigError(message if not where or f"{where}." in message else f"{where}: {message}") from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# YAML + overrides
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """["--a.b", "1", "--c.d=x"] -> {"a": {"b": 1}, "c": {"d": "x"}}; values are parsed as YAML scalars."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"override {arg!r}: expected --section.field VALUE or --section.field=VALUE")
+        if "=" in arg:
+            dotted, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg}: missing value")
+            dotted, text = arg[2:], args[i + 1]
+            i += 2
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(raw: dict) -> Config:
+    return build_dataclass(Config, raw, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or start from defaults), apply `--section.field value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return config_from_dict(raw)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,109 @@
+"""Configuration of the training loop (the ``train:`` section of a run's YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Where metrics, checkpoints, the resolved config and reports go."""
+
+    steps: int = 1000
+    """Optimizer steps to train."""
+
+    lr: float = 5e-4
+    """Peak learning rate (paper: 5e-4 for ASR/ST, 7e-4 for MT)."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam betas (paper: 0.9, 0.98)."""
+
+    eps: float = 1e-6
+    """Adam epsilon (paper: 1e-6)."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW); the paper uses none."""
+
+    schedule: str = "inverse_sqrt"
+    """Learning-rate schedule after linear warm-up: "inverse_sqrt" (paper), "cosine" or "constant"."""
+
+    warmup_steps: int = 100
+    """Linear warm-up steps (paper: 10k)."""
+
+    min_lr_ratio: float = 0.0
+    """cosine only: final lr as a fraction of the peak."""
+
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy (paper: 0.1)."""
+
+    clip_norm: float = 10.0
+    """Gradient-norm clipping threshold (paper: 10); 0 disables."""
+
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+
+    dtype: str = "fp32"
+    """"fp32" or "bf16" (autocast; parameters and optimizer state stay fp32)."""
+
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient is NaN/inf is skipped and counted; this many in a row stop the run."""
+
+    log_every: int = 10
+    """Steps between metric lines (JSONL, TensorBoard, console)."""
+
+    eval_every: int = 0
+    """Steps between evaluations (0: only at the end)."""
+
+    seed: int = 1
+    """Seed of parameter init, dropout and sampling."""
+
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu" or "cuda"."""
+
+    threads: int = 0
+    """torch intra-op threads on CPU (0: leave torch's default)."""
+
+    save_every: int = 0
+    """Steps between checkpoints (0: only at the end). Checkpoints go to <output_dir>/checkpoints."""
+
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+
+    resume: bool = True
+    """Continue from the latest complete checkpoint in <output_dir>/checkpoints when there is one."""
+
+    on_corrupt: str = "fallback"
+    """A corrupt or half-written latest checkpoint: "fallback" to the previous one with a warning, or "raise"."""
+
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device, to report model FLOPs utilisation (0: MFU is not reported)."""
+
+    progress_bar: bool = True
+    """A tqdm progress bar (loss, lr, tokens/s, ETA) on rank 0."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={self.schedule!r} is unknown; use one of {SCHEDULES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype={self.dtype!r} is unknown; use one of {DTYPES}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device={self.device!r} is unknown; use auto, cpu or cuda")
+        for name in ("steps", "grad_accum", "log_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.on_corrupt not in ("fallback", "raise"):
+            raise ValueError(f"train.on_corrupt={self.on_corrupt!r} is unknown; use fallback or raise")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
+        if self.warmup_steps < 0 or self.clip_norm < 0 or self.eval_every < 0 or self.save_every < 0:
+            raise ValueError("train.warmup_steps, clip_norm, eval_every and save_every must be >= 0")

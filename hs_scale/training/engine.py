@@ -1,0 +1,181 @@
+"""One optimizer step over micro-batches, for a replicated model: one process, megatron-core DDP or DeepSpeed.
+
+Loss semantics (every engine): the step minimises the token-mean label-smoothed cross-entropy over the *global*
+batch (all micro-batches of all data-parallel ranks), plus kl_weight x the selectors' KL averaged over them.
+The global target-token count is all-reduced first, so each rank backpropagates loss_sum / global_tokens.
+
+Non-finite steps are skipped on every rank at once (the decision uses all-reduced values) and counted by the
+trainer. megatron DDP / local: micro-batches are backpropagated one by one and the step is dropped afterwards.
+DeepSpeed: its engine reduces gradients inside backward, so the losses of all micro-batches are checked first and
+backpropagated together (activation memory grows with train.grad_accum on this engine).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from hs_scale.parallel.layout import ParallelConfig
+from hs_scale.selection.config import SelectionConfig
+from hs_scale.training.config import TrainConfig
+from hs_scale.training.optim import build_optimizer
+
+
+@dataclass
+class StepResult:
+    loss: float  # global token-mean label-smoothed loss (without the KL term)
+    tokens: int  # global target tokens
+    grad_norm: float  # before clipping
+    nll_per_task: torch.Tensor  # float [K]: global nll sums per decoder task
+    tokens_per_task: torch.Tensor  # float [K]
+    skipped: bool
+
+
+def model_logits(model: nn.Module, batch) -> torch.Tensor:
+    """logits_BLV of a teacher-forced batch, speech (features) or text (source_tokens)."""
+    if getattr(batch, "features", None) is not None:
+        return model(batch.features, batch.feature_lengths, batch.decoder_input, batch.src_task, batch.tgt_task)
+    return model(batch.source_tokens, batch.decoder_input, batch.src_task, batch.tgt_task)
+
+
+class StepEngine:
+    def __init__(self, model: nn.Module, train_cfg: TrainConfig, selection_cfg: SelectionConfig,
+                 parallel_cfg: ParallelConfig, dp_group, pad_id: int, num_tasks: int, device: torch.device):
+        self.module, self.cfg, self.selection_cfg = model, train_cfg, selection_cfg
+        self.pad_id, self.num_tasks, self.device = pad_id, num_tasks, device
+        self.dp_group = dp_group
+        self.dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
+        self.kind = "local" if dp_group is None else parallel_cfg.engine
+        self.optimizer, self.scheduler = build_optimizer(model, train_cfg)
+        self.wrapped: nn.Module = model
+        if self.kind == "megatron_ddp":
+            self.wrapped = _megatron_ddp(model, parallel_cfg)
+        elif self.kind == "deepspeed":
+            self.wrapped = _deepspeed(model, self.optimizer, train_cfg, parallel_cfg)
+
+    def _autocast(self):
+        if self.cfg.dtype == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dp_group is not None:
+            dist.all_reduce(t, group=self.dp_group)
+        return t
+
+    def _micro_loss(self, batch, global_tokens: float):
+        """(scaled loss to backpropagate, nll sums per task [K], tokens per task [K], raw loss sum)."""
+        with self._autocast():
+            logits = model_logits(self.wrapped, batch)
+        flat_logits, flat_target = logits.float().flatten(0, 1), batch.target.flatten()
+        loss_sum = F.cross_entropy(flat_logits, flat_target, ignore_index=self.pad_id, reduction="sum",
+                                   label_smoothing=self.cfg.label_smoothing)
+        nll = F.cross_entropy(flat_logits.detach(), flat_target, ignore_index=self.pad_id, reduction="none")
+        mask = (batch.target != self.pad_id).float()
+        nll_k = torch.zeros(self.num_tasks, device=self.device).index_add_(
+            0, batch.tgt_task, (nll.view_as(mask) * mask).sum(1))
+        tok_k = torch.zeros(self.num_tasks, device=self.device).index_add_(0, batch.tgt_task, mask.sum(1))
+        # megatron DDP sums gradients over dp; DeepSpeed averages them (hence x dp).
+        scale = self.dp_size if self.kind == "deepspeed" else 1.0
+        scaled = loss_sum * (scale / global_tokens)
+        if self.selection_cfg.kl_weight > 0:
+            kl = self.module.selection_kl(src_task_B=batch.src_task, tgt_task_B=batch.tgt_task)
+            kl_scale = 1.0 if self.kind == "deepspeed" else 1.0 / self.dp_size
+            scaled = scaled + self.selection_cfg.kl_weight * kl * kl_scale / self.cfg.grad_accum
+        return scaled, nll_k, tok_k, loss_sum.detach()
+
+    def train_step(self, microbatches: list) -> StepResult:
+        self.wrapped.train()
+        batches = [b.to(self.device) for b in microbatches]
+        local_tokens = sum(int((b.target != self.pad_id).sum()) for b in batches)
+        global_tokens = float(self._all_reduce(torch.tensor([float(local_tokens)]))[0])
+        if self.kind == "deepspeed":
+            return self._deepspeed_step(batches, global_tokens)
+        if self.kind == "megatron_ddp":
+            self.wrapped.zero_grad_buffer()
+        self.optimizer.zero_grad(set_to_none=True)
+        nll_k = torch.zeros(self.num_tasks, device=self.device)
+        tok_k, loss_total = torch.zeros_like(nll_k), torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = nullcontext() if last or self.kind != "megatron_ddp" else self.wrapped.no_sync()
+            with sync:
+                scaled, n, t, raw = self._micro_loss(batch, global_tokens)
+                scaled.backward()
+            nll_k, tok_k, loss_total = nll_k + n, tok_k + t, loss_total + raw
+        if self.kind == "megatron_ddp":
+            self.wrapped.finish_grad_sync()
+            for p in self.module.parameters():
+                if p.requires_grad:
+                    p.grad = p.main_grad.to(p.dtype)
+        stats = self._all_reduce(torch.cat([loss_total.reshape(1).float(), nll_k, tok_k]))
+        grad_norm = float(nn.utils.clip_grad_norm_(
+            [p for p in self.module.parameters() if p.grad is not None],
+            self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf))
+        loss = float(stats[0]) / max(global_tokens, 1.0)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        K = self.num_tasks
+        return StepResult(loss, int(global_tokens), grad_norm, stats[1:1 + K], stats[1 + K:], skipped)
+
+    def _deepspeed_step(self, batches: list, global_tokens: float) -> StepResult:
+        outs = [self._micro_loss(b, global_tokens) for b in batches]
+        nll_k = sum(o[1] for o in outs)
+        tok_k = sum(o[2] for o in outs)
+        raw = sum(o[3] for o in outs)
+        stats = self._all_reduce(torch.cat([raw.reshape(1).float(), nll_k, tok_k]))
+        loss = float(stats[0]) / max(global_tokens, 1.0)
+        K = self.num_tasks
+        if not math.isfinite(loss):
+            return StepResult(loss, int(global_tokens), float("nan"), stats[1:1 + K], stats[1 + K:], True)
+        self.wrapped.backward(sum(o[0] for o in outs))
+        self.wrapped.step()
+        self.scheduler.step()
+        grad_norm = self.wrapped.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return StepResult(loss, int(global_tokens), grad_norm, stats[1:1 + K], stats[1 + K:], False)
+
+
+def _megatron_ddp(model: nn.Module, pcfg: ParallelConfig) -> nn.Module:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    # DDP reads a few switches from a TransformerConfig; the model itself is not a megatron model.
+    # calculate_per_token_loss: gradients are summed over dp (each rank already divides by the global tokens).
+    tcfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True,
+                             calculate_per_token_loss=True, bf16=pcfg.bf16)
+    dcfg = DistributedDataParallelConfig(grad_reduce_in_fp32=pcfg.grad_reduce_in_fp32,
+                                         overlap_grad_reduce=pcfg.overlap_grad_reduce,
+                                         use_distributed_optimizer=pcfg.distributed_optimizer)
+    ddp = DistributedDataParallel(tcfg, dcfg, module=model)
+    ddp.broadcast_params()  # replicas start identical even if ranks were seeded differently
+    return ddp
+
+
+def _deepspeed(model: nn.Module, optimizer, tcfg: TrainConfig, pcfg: ParallelConfig) -> nn.Module:
+    # DeepSpeed JIT-builds a shared-memory comm op (~40 s) on first init; gloo does not need it.
+    # NOTE: the module object must come from importlib: `import deepspeed.comm.torch as m` binds torch itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,  # batches are token-budgeted by hs_scale.data, not counted by DS
+        "gradient_accumulation_steps": 1,  # hs_scale sums its micro-batches before the one backward
+        "gradient_clipping": tcfg.clip_norm,
+        "zero_optimization": {"stage": pcfg.zero_stage},
+        "bf16": {"enabled": pcfg.bf16},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    return engine

@@ -1,0 +1,201 @@
+"""The trainer: steps, logging, evaluation, checkpoints and exact resume.
+
+It meets the rest of the system through four small seams: a batch source (hs_scale.training.data_source), a step
+engine (hs_scale.training.engine), a checkpoint manager (hs_scale.checkpoint) and a metrics logger.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from hs_scale.training.config import TrainConfig
+from hs_scale.training.engine import StepEngine, model_logits
+from hs_scale.training.heatmap import count_changes, write_heatmap
+from hs_scale.training.loss import per_task_sums, sequence_loss
+from hs_scale.training.metrics import MetricsLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `train.max_nonfinite_steps` consecutive steps with a NaN/inf loss or gradient."""
+
+
+def model_flops(model, batch) -> float:
+    """Training FLOPs of one batch, 6 x params x positions (forward 2, backward 4), encoder and decoder apart."""
+    enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder.", "selectors.")))
+    dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder."))
+    if getattr(batch, "features", None) is not None:
+        src = float(batch.feature_lengths.sum()) / 4  # two stride-2 convolutions
+    else:
+        src = float(batch.source_lengths.sum())
+    return 6.0 * (enc * src + dec * float(batch.num_target_tokens))
+
+
+class Trainer:
+    def __init__(self, train_cfg: TrainConfig, selection_cfg, engine: StepEngine, source, logger: MetricsLogger | None,
+                 checkpoints, config_dict: dict, is_main: bool, groups=None,
+                 on_checkpoint: Callable[[str, int, dict], None] | None = None):
+        self.cfg, self.selection_cfg, self.engine, self.source = train_cfg, selection_cfg, engine, source
+        self.model = engine.module
+        self.logger, self.checkpoints, self.config_dict = logger, checkpoints, config_dict
+        self.is_main, self.groups, self.on_checkpoint = is_main, groups, on_checkpoint
+        self.dp_group = None if groups is None else groups.dp
+        self.task_names = source.task_names
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.last_table = None
+
+    # ------------------------------------------------------------------------------------------ state
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite, "data": self.source.state_dict()}
+
+    def save(self, metrics: dict | None = None) -> None:
+        if self.checkpoints is None:
+            return
+        path = self.checkpoints.save(self.step, self.model, self.engine.optimizer, self.engine.scheduler,
+                                     extra_per_rank=self._trainer_state(), config=self.config_dict,
+                                     groups=self.groups, metrics=_finite(metrics or {}))
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(str(path), self.step, metrics or {})
+
+    def restore(self, path: str | None = None) -> bool:
+        """Load the latest complete checkpoint (or `path`); False when there is nothing to resume."""
+        if self.checkpoints is None:
+            return False
+        args = (self.model, self.engine.optimizer, self.engine.scheduler, self.groups)
+        loaded = self.checkpoints.load(path, *args) if path else self.checkpoints.load_latest(*args)
+        if loaded is None:
+            return False
+        step, state = loaded
+        self.step = int(step)
+        if state is None:  # a different data-parallel layout: the data cursor cannot carry over
+            raise RuntimeError(
+                f"checkpoint at step {step} was written with another data-parallel size; its data-loader state does "
+                "not apply here. Resume with the same parallel.data_parallel, or start a new run from its weights")
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self.source.load_state_dict(state["data"])
+        if self.is_main:
+            print(f"resumed from step {step}", flush=True)
+        return True
+
+    # ------------------------------------------------------------------------------------------ steps
+    def train_step(self) -> dict:
+        self.model.set_selection_temperature(self.selection_cfg.temperature_at(self.step))
+        batches = self.source.next_microbatches()
+        t0 = time.perf_counter()
+        result = self.engine.train_step(batches)
+        seconds = time.perf_counter() - t0
+        if result.skipped:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+            if self.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last: loss "
+                    f"{result.loss}, grad norm {result.grad_norm}) at step {self.step}; lower train.lr, raise "
+                    "train.warmup_steps, or check the data for corrupt samples")
+            return {"skipped": True, "loss": result.loss, "grad_norm": result.grad_norm}
+        self.consecutive_nonfinite = 0
+        self.step += 1
+        flops = sum(model_flops(self.model, b) for b in batches) * self.engine.dp_size
+        metrics = {
+            "loss": result.loss, "grad_norm": result.grad_norm, "lr": self.engine.scheduler.get_last_lr()[0],
+            "tokens": result.tokens, "tokens_per_s": result.tokens / seconds, "step_s": seconds,
+            "tflops_per_s": flops / seconds / 1e12,
+            "nll_per_task": {name: float(result.nll_per_task[k] / result.tokens_per_task[k])
+                             for k, name in enumerate(self.task_names) if result.tokens_per_task[k] > 0},
+        }
+        if self.cfg.peak_tflops > 0:
+            metrics["mfu"] = metrics["tflops_per_s"] / (self.cfg.peak_tflops * self.engine.dp_size)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Teacher-forced nll and token accuracy per task over the eval split (deterministic selection)."""
+        model = self.model
+        model.eval()
+        K = len(self.task_names)
+        sums = torch.zeros(3, K)  # nll, correct, tokens
+        for batch in self.source.eval_batches():
+            if batch.is_padding:
+                continue
+            batch = batch.to(self.engine.device)
+            logits = model_logits(model, batch)
+            mask = batch.target != self.source.pad_id
+            _, nll_BL = sequence_loss(logits, batch.target, self.source.pad_id, 0.0)
+            hits = (logits.argmax(-1) == batch.target).float()
+            sums[0] += per_task_sums(nll_BL, mask, batch.tgt_task, K)[0].cpu()
+            correct, tokens = per_task_sums(hits, mask, batch.tgt_task, K)
+            sums[1] += correct.cpu()
+            sums[2] += tokens.cpu()
+        if self.dp_group is not None:
+            dist.all_reduce(sums, group=self.dp_group)
+        seen = [k for k in range(K) if sums[2, k] > 0]
+        table = model.head_selection_table()
+        result = {
+            "nll": float(sums[0].sum() / sums[2].sum().clamp(min=1)),
+            "accuracy": float(sums[1].sum() / sums[2].sum().clamp(min=1)),
+            "nll_per_task": {self.task_names[k]: float(sums[0, k] / sums[2, k]) for k in seen},
+            "accuracy_per_task": {self.task_names[k]: float(sums[1, k] / sums[2, k]) for k in seen},
+            "selection_changes": count_changes(self.last_table, table),
+        }
+        self.last_table = table
+        if self.is_main and table and self.logger is not None:
+            write_heatmap(self.logger.dir / "heatmaps" / f"step_{self.step:06d}.png", table, self.task_names,
+                          model.selection_config.pool_heads, f"selected heads at step {self.step}",
+                          self.logger.tb_writer, self.step)
+        model.train()
+        return result
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        start, window = time.perf_counter(), []
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.is_main and cfg.progress_bar),
+                   dynamic_ncols=True, mininterval=2.0)
+        while self.step < cfg.steps:
+            metrics = self.train_step()
+            if metrics.get("skipped"):
+                self._log("skip", metrics)
+                continue
+            bar.update(1)
+            window.append(metrics["tokens_per_s"])
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                            tok_s=f"{sum(window[-20:]) / len(window[-20:]):.0f}", refresh=False)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log("train", metrics)
+            evaluated = None
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                evaluated = self.evaluate()
+                self._log("eval", evaluated)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save(evaluated or metrics)
+        bar.close()
+        result = self.evaluate()
+        result["wall_s"] = time.perf_counter() - start
+        result["skipped_steps"] = self.skipped_steps
+        if hasattr(self.source, "stats"):
+            result["data"] = self.source.stats()
+        self._log("eval", result)
+        self.save(result)
+        return result
+
+    def _log(self, kind: str, values: dict) -> None:
+        if self.is_main and self.logger is not None:
+            self.logger.log(kind, self.step, {k: v for k, v in values.items() if not _is_nan(v)})
+
+
+def _finite(values: dict) -> dict:
+    """Numbers only, without NaN/inf (checkpoint metadata is strict JSON)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _is_nan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)

@@ -1,0 +1,35 @@
+"""Optimizer and learning-rate schedules (Adam (0.9, 0.98), eps 1e-6, inverse-sqrt with warm-up: the paper's)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hs_scale.training.config import TrainConfig
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    warmup = cfg.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over every trainable parameter; no weight decay on biases, norms and selector logits."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "selectors" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+    return optimizer, scheduler

@@ -1,0 +1,109 @@
+"""`hs-scale train`: the one training entry point every launcher ends in (torchrun, DeepSpeed, Slurm, Ray).
+
+    train(cfg)                                         # single process, or the launcher's world from env vars
+    train(cfg, on_checkpoint=report, resume_from=dir)  # Ray Train: report checkpoints, resume after a failure
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hs_scale.config import Config, dump_config
+from hs_scale.models import build_model
+from hs_scale.selection.selector import format_selection_table
+from hs_scale.training.data_source import build_source
+from hs_scale.training.distributed import init_distributed
+from hs_scale.training.engine import StepEngine
+from hs_scale.training.loop import Trainer
+from hs_scale.training.metrics import MetricsLogger
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_vocab(cfg: Config, source) -> None:
+    tok = source.tokenizer
+    if tok is None:
+        needed = cfg.synthetic.vocab_size
+        if cfg.model.vocab_size < needed:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the synthetic task's "
+                             f"vocabulary; set model.vocab_size >= {needed}")
+        return
+    if cfg.model.vocab_size != tok.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tok.vocab_size} pieces; "
+                         f"set model.vocab_size={tok.vocab_size}")
+    for field, ours in (("pad_token_id", tok.pad_id), ("eos_token_id", tok.eos_id)):
+        if getattr(cfg.model, field) != ours:
+            raise ValueError(f"model.{field}={getattr(cfg.model, field)} but the tokenizer's is {ours}; "
+                             f"set model.{field}={ours}")
+
+
+def _parallel_groups(cfg: Config, env):
+    """megatron-core process groups for a multi-process run (None for a single process)."""
+    if not env.distributed:
+        if cfg.parallel.model_parallel > 1:
+            raise ValueError("parallel.tensor_parallel x pipeline_parallel > 1 needs that many processes; "
+                             "start with torchrun --nproc-per-node N (see README, launch paths)")
+        return None
+    if cfg.parallel.model_parallel > 1:
+        raise NotImplementedError(
+            "the trainer runs data parallelism only so far; tensor/pipeline parallel models are built and tested "
+            "in hs_scale.parallel but not yet wired into this loop (set parallel.tensor_parallel=1, "
+            "pipeline_parallel=1)")
+    from hs_scale.parallel.layout import init_parallel_groups
+
+    return init_parallel_groups(cfg.parallel, seed=cfg.train.seed)
+
+
+def _checkpoint_manager(cfg: Config, out: Path):
+    from hs_scale.checkpoint import CheckpointManager
+
+    return CheckpointManager(out / "checkpoints", keep_last=cfg.train.keep_last, on_corrupt=cfg.train.on_corrupt)
+
+
+def train(cfg: Config, *, on_checkpoint: Callable[[str, int, dict], None] | None = None,
+          resume_from: str | None = None) -> dict:
+    """Train as configured; returns the final evaluation. Rank 0 writes config, metrics, heatmaps and results."""
+    env = init_distributed(cfg.train.device, cfg.parallel.timeout_minutes)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.train.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    groups = _parallel_groups(cfg, env)
+    dp_rank, dp_size = (0, 1) if groups is None else (groups.dp_rank, groups.dp_size)
+
+    seed_everything(cfg.train.seed)  # identical initial parameters on every rank
+    source = build_source(cfg.data, cfg.synthetic, dp_rank, dp_size, cfg.train.grad_accum)
+    _check_vocab(cfg, source)
+    model = build_model(cfg.model, cfg.selection, num_tasks=len(source.task_names)).to(env.device)
+    seed_everything(cfg.train.seed + 1000 * dp_rank)  # different dropout masks per replica
+    engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, None if groups is None else groups.dp,
+                        source.pad_id, len(source.task_names), env.device)
+    logger = MetricsLogger(out) if env.is_main else None
+    trainer = Trainer(cfg.train, cfg.selection, engine, source, logger, _checkpoint_manager(cfg, out),
+                      cfg.to_dict(), env.is_main, groups, on_checkpoint)
+    if resume_from is not None:
+        trainer.restore(resume_from)
+    elif cfg.train.resume:
+        trainer.restore()
+    result = trainer.fit()
+    if env.is_main:
+        table = format_selection_table(model.head_selection_table(), source.task_names)
+        (out / "selection.txt").write_text(table + "\n")
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+        logger.close()
+        print(table)
+        print(f"outputs in {out}: config.yaml metrics.jsonl selection.txt result.json heatmaps/ tensorboard/ "
+              "checkpoints/")
+    return result
