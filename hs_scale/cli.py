@@ -3,14 +3,28 @@
     hs-scale train --config configs/synthetic.yaml [--section.field value ...]
     hs-scale show-config --config FILE [overrides]      resolved config, validated, as YAML
     hs-scale prepare-data --recipe NAME --out DIR       build a corpus (see data_pipelines/)
+    hs-scale evaluate --checkpoint DIR [...]            greedy / beam decoding, WER or BLEU per task
+    hs-scale export-hf --checkpoint DIR --task T --out DIR   dense per-task Hugging Face model (or --all-tasks)
+    hs-scale import-hf --model DIR --pool-size P --tasks a,b --out DIR   upcycle a dense HF model
+    hs-scale demo                                       the built-in multilingual ASR demo (make demo)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from hs_scale.config import ConfigError, dump_config, load_config
+
+# Sub-commands with their own argument parsers (module, function taking argv).
+_DELEGATED = {
+    "prepare-data": ("data_pipelines.cli", "main"),
+    "evaluate": ("hs_scale.evaluation.cli", "main"),
+    "export-hf": ("hs_scale.export.cli", "main_export"),
+    "import-hf": ("hs_scale.export.cli", "main_import"),
+    "demo": ("hs_scale.demo", "main"),
+}
 
 
 def _config_parser(name: str, sub, help_text: str) -> argparse.ArgumentParser:
@@ -21,16 +35,16 @@ def _config_parser(name: str, sub, help_text: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "prepare-data":
-        from data_pipelines.cli import main as prepare_data
-
-        return prepare_data(argv[1:])
+    if argv and argv[0] in _DELEGATED:
+        module, function = _DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     parser = argparse.ArgumentParser(prog="hs-scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _config_parser("train", sub, "train a model")
     _config_parser("show-config", sub, "print the resolved, validated config")
-    sub.add_parser("prepare-data", help="build a corpus: hs-scale prepare-data --help")
+    for name in _DELEGATED:
+        sub.add_parser(name, help=f"see hs-scale {name} --help")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)

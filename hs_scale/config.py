@@ -73,6 +73,17 @@ class Config:
                     "use speech with s2t and text with text"
                 )
         p = self.parallel
+        if p.num_microbatches not in (1, self.train.grad_accum):
+            raise ConfigError(f"parallel.num_microbatches={p.num_microbatches} is taken from train.grad_accum="
+                              f"{self.train.grad_accum}; remove it and set train.grad_accum instead")
+        p.num_microbatches = self.train.grad_accum
+        if p.model_parallel > 1:
+            if p.engine != "megatron_ddp":
+                raise ConfigError(f"parallel.engine={p.engine!r} with tensor/pipeline parallelism is not supported "
+                                  "by the trainer; use parallel.engine=megatron_ddp (ZeRO runs with tp=pp=1)")
+            if self.selection.kl_weight > 0:
+                raise ConfigError("selection.kl_weight > 0 is not supported with tensor/pipeline parallelism yet "
+                                  "(a stage's KL term needs an auxiliary loss); set selection.kl_weight=0")
         try:
             validate_layout(
                 p,

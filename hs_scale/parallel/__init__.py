@@ -6,6 +6,9 @@ CPU shim megatron-core needs without CUDA, and a gloo multi-process test harness
     tp_attention.py  TPSelectedHeadAttention, TPHeadSelector (phi partitioned over TP ranks), shard_choice
     tp_model.py      parallelize_tensor(model, groups): swap a built model's attention/selectors/FFN for TP shards
     data_parallel.py build_engine: megatron-core DDP + torch AdamW, or DeepSpeed ZeRO 0/1/2 (one config switch)
+    vocab.py         vocab-parallel token embedding / LM head / label-smoothed cross-entropy (padded vocab)
+    pipeline.py      PipelineChunk: contiguous cuts of encoder-then-decoder layers; global_state_dict_layout
+    api.py           build_parallel_model, build_parallel_engine, parallel_train_step, forward_eval_loss
     collectives.py   CollectiveCounter: count collectives per step
     harness.py       run_distributed: N spawned gloo ranks with bounded timeouts (tests)
 

@@ -38,8 +38,11 @@ OPS = (
     "recv",
     "isend",
     "irecv",
-    "batch_isend_irecv",
 )
+# NOTE: batch_isend_irecv is not counted itself: each of its P2POps runs through the (wrapped) isend/irecv, so a
+# batch shows up as its isend/irecv calls. The wrappers are also installed as distributed_c10d's module globals,
+# because P2POp checks `op in [isend, irecv]` by identity against those.
+_P2P = ("isend", "irecv")
 # Module-level aliases bound at import time: (module, attribute) -> canonical op name.
 _ALIASES = {
     ("megatron.core.tensor_parallel.mappings", "dist_all_gather_func"): "all_gather_into_tensor",
@@ -49,9 +52,6 @@ _ALIASES = {
 
 def _group_of(name: str, args: tuple, kwargs: dict):
     """The process group a call runs on (None = the default world group)."""
-    if name == "batch_isend_irecv":
-        ops = args[0] if args else kwargs.get("p2p_op_list", [])
-        return getattr(ops[0], "group", None) if ops else None
     if kwargs.get("group") is not None:
         return kwargs["group"]
     return next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
@@ -78,6 +78,10 @@ class CollectiveCounter:
         for name in OPS:
             if hasattr(dist, name):
                 self._patch(dist, name, name)
+        c10d = importlib.import_module("torch.distributed.distributed_c10d")
+        for name in _P2P:
+            self._saved.append((c10d, name, getattr(c10d, name)))
+            setattr(c10d, name, getattr(dist, name))  # the same wrapper object as dist.<name>
         # DeepSpeed's torch backend binds all-gather / reduce-scatter functions when it is initialised.
         ds_comm = importlib.import_module("deepspeed.comm.comm") if "deepspeed.comm.comm" in sys.modules else None
         cdb = getattr(ds_comm, "cdb", None)

@@ -28,31 +28,59 @@ def _adamw(params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, weight_decay
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
+def wrap_megatron_ddp(module: nn.Module, cfg: ParallelConfig, model_config=None, disable_bucketing=False) -> nn.Module:
+    """megatron-core DistributedDataParallel around `module`, replicas broadcast from dp rank 0.
+
+    model_config: the megatron TransformerConfig the module carries (pipeline chunks); plain modules get a stub,
+    since DDP only reads a few switches from it. calculate_per_token_loss: gradients are *summed* over dp (the
+    loss already divides by the global token count).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    if model_config is None:
+        model_config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                                         use_cpu_initialization=True, calculate_per_token_loss=True, bf16=cfg.bf16)
+    dcfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+        overlap_grad_reduce=cfg.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(model_config, dcfg, module=module, disable_bucketing=disable_bucketing)
+    ddp.broadcast_params()  # replicas start identical even if ranks were seeded differently
+    return ddp
+
+
+def wrap_deepspeed(module: nn.Module, optimizer, cfg: ParallelConfig, *, grad_accum: int = 1, clip_norm: float = 0.0,
+                   mpu=None) -> nn.Module:
+    """A DeepSpeed engine (ZeRO stage cfg.zero_stage) around `module` with a client torch optimizer.
+
+    The ds_config is derived from the hs_scale config (hs_scale.launch.ds_config prints it); batches are
+    token-budgeted by hs_scale.data, so DeepSpeed's micro-batch size is nominal. mpu: megatron's parallel_state
+    when tensor-parallel ranks hold different shards (gradients then reduce over the dp group only).
+    """
+    _skip_deepspeed_shm_build()
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.bf16},
+        "gradient_clipping": clip_norm,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu,
+                                           dist_init_required=False)
+    return engine
+
+
 class MegatronDDPEngine:
     """megatron-core DistributedDataParallel + torch AdamW on main_grad."""
 
     def __init__(self, model: nn.Module, cfg: ParallelConfig, groups: ParallelGroups, **optim):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.transformer import TransformerConfig
-
-        # DDP reads a few switches from a TransformerConfig; the model itself is not a megatron model.
-        # calculate_per_token_loss: gradients are *summed* over dp (we divide by the global token count).
-        tcfg = TransformerConfig(
-            num_layers=1,
-            hidden_size=8,
-            num_attention_heads=1,
-            use_cpu_initialization=True,
-            calculate_per_token_loss=True,
-            bf16=cfg.bf16,
-        )
-        dcfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
-            overlap_grad_reduce=cfg.overlap_grad_reduce,
-            use_distributed_optimizer=cfg.distributed_optimizer,
-        )
         self.groups = groups
-        self.model = DistributedDataParallel(tcfg, dcfg, module=model)
-        self.model.broadcast_params()  # replicas start identical even if ranks were seeded differently
+        self.model = wrap_megatron_ddp(model, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _adamw(self.params, **optim)
 
@@ -92,26 +120,11 @@ class DeepSpeedEngine:
     """DeepSpeed engine with ZeRO stage cfg.zero_stage (0/1/2) and a client torch AdamW (no JIT FusedAdam)."""
 
     def __init__(
-        self, model: nn.Module, cfg: ParallelConfig, groups: ParallelGroups, micro_batch_size: int = 1, **optim
+        self, model: nn.Module, cfg: ParallelConfig, groups: ParallelGroups, **optim
     ):
-        _skip_deepspeed_shm_build()
-        import deepspeed
-
-        ds_config = {
-            "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": cfg.bf16},
-            "gradient_clipping": 0.0,
-            "steps_per_print": 10**9,
-        }
         self.groups, self.dp = groups, groups.dp_size
-        self.model, self.optimizer, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=_adamw(model.parameters(), **optim),
-            config=ds_config,
-            dist_init_required=False,
-        )
+        self.model = wrap_deepspeed(model, _adamw(model.parameters(), **optim), cfg)
+        self.optimizer = self.model.optimizer
 
     def step(self, loss_fn, num_tokens: int, inspect_grads=None) -> float:
         """One optimizer step; returns the global token-mean loss (inspect_grads: see MegatronDDPEngine.step)."""
@@ -133,7 +146,6 @@ class DeepSpeedEngine:
 def build_engine(model: nn.Module, cfg: ParallelConfig, groups: ParallelGroups, **kwargs):
     """The data-parallel engine `cfg.engine` selects ("megatron_ddp" or "deepspeed")."""
     if cfg.engine == "megatron_ddp":
-        kwargs.pop("micro_batch_size", None)
         return MegatronDDPEngine(model, cfg, groups, **kwargs)
     if cfg.engine == "deepspeed":
         return DeepSpeedEngine(model, cfg, groups, **kwargs)

@@ -38,7 +38,8 @@ class ParallelConfig:
     """Model chunks per pipeline stage (interleaved 1F1B); None or 1 is plain 1F1B."""
 
     num_microbatches: int = 1
-    """Micro-batches per optimizer step (pipeline schedule and gradient accumulation)."""
+    """Micro-batches per optimizer step (pipeline schedule and gradient accumulation). In a run config it is
+    taken from train.grad_accum (leave it unset there); set it directly only when using hs_scale.parallel alone."""
 
     engine: str = "megatron_ddp"
     """Data-parallel engine: "megatron_ddp" (megatron-core DDP, distributed optimizer where CUDA allows) or

@@ -49,7 +49,7 @@ class TaskSegments:
         if self.order is None:
             return fn(self.tasks[0], x)
         parts = x.index_select(0, self.order).split(self.counts)
-        out = torch.cat([fn(task, rows) for task, rows in zip(self.tasks, parts)])
+        out = torch.cat([fn(task, rows) for task, rows in zip(self.tasks, parts, strict=True)])
         return out.index_select(0, self.inverse)
 
 

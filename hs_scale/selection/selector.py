@@ -200,7 +200,7 @@ def format_selection_table(tables: dict[str, list[list[list[int]]]], task_names:
         num_layers = len(table[0]) if table else 0
         header = f"{attn_type:<14} {'task':<12} " + " ".join(f"L{layer:<10}" for layer in range(num_layers))
         lines.append(header)
-        for name, per_layer in zip(task_names, table):
+        for name, per_layer in zip(task_names, table, strict=True):
             cells = " ".join(f"{','.join(map(str, heads)):<11}" for heads in per_layer)
             lines.append(f"{'':<14} {name:<12} {cells}")
     return "\n".join(lines)

@@ -12,7 +12,6 @@ backpropagated together (activation memory grows with train.grad_accum on this e
 
 from __future__ import annotations
 
-import importlib
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from hs_scale.parallel.data_parallel import wrap_deepspeed, wrap_megatron_ddp
 from hs_scale.parallel.layout import ParallelConfig
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
@@ -36,6 +36,20 @@ class StepResult:
     nll_per_task: torch.Tensor  # float [K]: global nll sums per decoder task
     tokens_per_task: torch.Tensor  # float [K]
     skipped: bool
+
+
+def model_flops(model: nn.Module, batch) -> float:
+    """Training FLOPs of one batch, 6 x params x positions (forward 2, backward 4), encoder and decoder apart.
+
+    A lower bound that ignores the attention score terms (benchmarks/train_throughput.py counts them too).
+    """
+    enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder.", "selectors.")))
+    dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder."))
+    if getattr(batch, "features", None) is not None:
+        src = float(batch.feature_lengths.sum()) / 4  # two stride-2 convolutions
+    else:
+        src = float(batch.source_lengths.sum())
+    return 6.0 * (enc * src + dec * float(batch.num_target_tokens))
 
 
 def model_logits(model: nn.Module, batch) -> torch.Tensor:
@@ -56,10 +70,55 @@ class StepEngine:
         self.optimizer, self.scheduler = build_optimizer(model, train_cfg)
         self.wrapped: nn.Module = model
         if self.kind == "megatron_ddp":
-            self.wrapped = _megatron_ddp(model, parallel_cfg)
+            self.wrapped = wrap_megatron_ddp(model, parallel_cfg)
         elif self.kind == "deepspeed":
-            self.wrapped = _deepspeed(model, self.optimizer, train_cfg, parallel_cfg)
+            # hs_scale sums its micro-batches before the one backward: DeepSpeed accumulates nothing itself.
+            self.wrapped = wrap_deepspeed(model, self.optimizer, parallel_cfg, clip_norm=train_cfg.clip_norm)
 
+    # ------------------------------------------------------------------ what the trainer asks of every engine
+    @property
+    def checkpoint_model(self) -> nn.Module:
+        return self.module
+
+    def set_temperature(self, tau: float) -> None:
+        self.module.set_selection_temperature(tau)
+
+    def selection_table(self) -> dict:
+        return self.module.head_selection_table()
+
+    def flops(self, batch) -> float:
+        return model_flops(self.module, batch)
+
+    @torch.no_grad()
+    def evaluate(self, batches, task_names: list[str]) -> dict:
+        """Teacher-forced nll and token accuracy per task over this rank's batches, summed over dp."""
+        model = self.module
+        model.eval()
+        K = len(task_names)
+        sums = torch.zeros(3, K)  # nll, correct, tokens
+        for batch in batches:
+            if batch.is_padding:  # repeated to keep ranks in step; not data
+                continue
+            batch = batch.to(self.device)
+            with self._autocast():
+                logits = model_logits(model, batch).float()
+            mask = batch.target != self.pad_id
+            nll = F.cross_entropy(logits.flatten(0, 1), batch.target.flatten(), ignore_index=self.pad_id,
+                                  reduction="none").view_as(mask)
+            hits = (logits.argmax(-1) == batch.target).float()
+            for row, values in ((0, nll), (1, hits), (2, torch.ones_like(hits))):
+                sums[row].index_add_(0, batch.tgt_task.cpu(), (values * mask).sum(1).cpu())
+        self._all_reduce(sums)
+        model.train()
+        seen = [k for k in range(K) if sums[2, k] > 0]
+        return {
+            "nll": float(sums[0].sum() / sums[2].sum().clamp(min=1)),
+            "accuracy": float(sums[1].sum() / sums[2].sum().clamp(min=1)),
+            "nll_per_task": {task_names[k]: float(sums[0, k] / sums[2, k]) for k in seen},
+            "accuracy_per_task": {task_names[k]: float(sums[1, k] / sums[2, k]) for k in seen},
+        }
+
+    # ------------------------------------------------------------------ internals
     def _autocast(self):
         if self.cfg.dtype == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -144,38 +203,3 @@ class StepEngine:
         grad_norm = self.wrapped.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         return StepResult(loss, int(global_tokens), grad_norm, stats[1:1 + K], stats[1 + K:], False)
-
-
-def _megatron_ddp(model: nn.Module, pcfg: ParallelConfig) -> nn.Module:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer import TransformerConfig
-
-    # DDP reads a few switches from a TransformerConfig; the model itself is not a megatron model.
-    # calculate_per_token_loss: gradients are summed over dp (each rank already divides by the global tokens).
-    tcfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True,
-                             calculate_per_token_loss=True, bf16=pcfg.bf16)
-    dcfg = DistributedDataParallelConfig(grad_reduce_in_fp32=pcfg.grad_reduce_in_fp32,
-                                         overlap_grad_reduce=pcfg.overlap_grad_reduce,
-                                         use_distributed_optimizer=pcfg.distributed_optimizer)
-    ddp = DistributedDataParallel(tcfg, dcfg, module=model)
-    ddp.broadcast_params()  # replicas start identical even if ranks were seeded differently
-    return ddp
-
-
-def _deepspeed(model: nn.Module, optimizer, tcfg: TrainConfig, pcfg: ParallelConfig) -> nn.Module:
-    # DeepSpeed JIT-builds a shared-memory comm op (~40 s) on first init; gloo does not need it.
-    # NOTE: the module object must come from importlib: `import deepspeed.comm.torch as m` binds torch itself.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    import deepspeed
-
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,  # batches are token-budgeted by hs_scale.data, not counted by DS
-        "gradient_accumulation_steps": 1,  # hs_scale sums its micro-batches before the one backward
-        "gradient_clipping": tcfg.clip_norm,
-        "zero_optimization": {"stage": pcfg.zero_stage},
-        "bf16": {"enabled": pcfg.bf16},
-        "steps_per_print": 10**9,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           dist_init_required=False)
-    return engine

@@ -67,5 +67,5 @@ def count_changes(old: dict | None, new: dict) -> int:
     for attn_type, table in new.items():
         for k, per_layer in enumerate(table):
             for layer, heads in enumerate(per_layer):
-                changed += sum(a != b for a, b in zip(heads, old[attn_type][k][layer]))
+                changed += sum(a != b for a, b in zip(heads, old[attn_type][k][layer], strict=True))
     return changed

@@ -10,14 +10,10 @@ import math
 import time
 from collections.abc import Callable
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from hs_scale.training.config import TrainConfig
-from hs_scale.training.engine import StepEngine, model_logits
 from hs_scale.training.heatmap import count_changes, write_heatmap
-from hs_scale.training.loss import per_task_sums, sequence_loss
 from hs_scale.training.metrics import MetricsLogger
 
 
@@ -25,26 +21,13 @@ class NonFiniteLossError(RuntimeError):
     """Raised after `train.max_nonfinite_steps` consecutive steps with a NaN/inf loss or gradient."""
 
 
-def model_flops(model, batch) -> float:
-    """Training FLOPs of one batch, 6 x params x positions (forward 2, backward 4), encoder and decoder apart."""
-    enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder.", "selectors.")))
-    dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder."))
-    if getattr(batch, "features", None) is not None:
-        src = float(batch.feature_lengths.sum()) / 4  # two stride-2 convolutions
-    else:
-        src = float(batch.source_lengths.sum())
-    return 6.0 * (enc * src + dec * float(batch.num_target_tokens))
-
-
 class Trainer:
-    def __init__(self, train_cfg: TrainConfig, selection_cfg, engine: StepEngine, source, logger: MetricsLogger | None,
+    def __init__(self, train_cfg: TrainConfig, selection_cfg, engine, source, logger: MetricsLogger | None,
                  checkpoints, config_dict: dict, is_main: bool, groups=None,
                  on_checkpoint: Callable[[str, int, dict], None] | None = None):
         self.cfg, self.selection_cfg, self.engine, self.source = train_cfg, selection_cfg, engine, source
-        self.model = engine.module
         self.logger, self.checkpoints, self.config_dict = logger, checkpoints, config_dict
         self.is_main, self.groups, self.on_checkpoint = is_main, groups, on_checkpoint
-        self.dp_group = None if groups is None else groups.dp
         self.task_names = source.task_names
         self.step = 0
         self.skipped_steps = 0
@@ -59,7 +42,8 @@ class Trainer:
     def save(self, metrics: dict | None = None) -> None:
         if self.checkpoints is None:
             return
-        path = self.checkpoints.save(self.step, self.model, self.engine.optimizer, self.engine.scheduler,
+        engine = self.engine
+        path = self.checkpoints.save(self.step, engine.checkpoint_model, engine.optimizer, engine.scheduler,
                                      extra_per_rank=self._trainer_state(), config=self.config_dict,
                                      groups=self.groups, metrics=_finite(metrics or {}))
         if self.on_checkpoint is not None:
@@ -69,7 +53,7 @@ class Trainer:
         """Load the latest complete checkpoint (or `path`); False when there is nothing to resume."""
         if self.checkpoints is None:
             return False
-        args = (self.model, self.engine.optimizer, self.engine.scheduler, self.groups)
+        args = (self.engine.checkpoint_model, self.engine.optimizer, self.engine.scheduler, self.groups)
         loaded = self.checkpoints.load(path, *args) if path else self.checkpoints.load_latest(*args)
         if loaded is None:
             return False
@@ -88,7 +72,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
     def train_step(self) -> dict:
-        self.model.set_selection_temperature(self.selection_cfg.temperature_at(self.step))
+        self.engine.set_temperature(self.selection_cfg.temperature_at(self.step))
         batches = self.source.next_microbatches()
         t0 = time.perf_counter()
         result = self.engine.train_step(batches)
@@ -104,7 +88,7 @@ class Trainer:
             return {"skipped": True, "loss": result.loss, "grad_norm": result.grad_norm}
         self.consecutive_nonfinite = 0
         self.step += 1
-        flops = sum(model_flops(self.model, b) for b in batches) * self.engine.dp_size
+        flops = sum(self.engine.flops(b) for b in batches) * self.engine.dp_size
         metrics = {
             "loss": result.loss, "grad_norm": result.grad_norm, "lr": self.engine.scheduler.get_last_lr()[0],
             "tokens": result.tokens, "tokens_per_s": result.tokens / seconds, "step_s": seconds,
@@ -116,42 +100,17 @@ class Trainer:
             metrics["mfu"] = metrics["tflops_per_s"] / (self.cfg.peak_tflops * self.engine.dp_size)
         return metrics
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Teacher-forced nll and token accuracy per task over the eval split (deterministic selection)."""
-        model = self.model
-        model.eval()
-        K = len(self.task_names)
-        sums = torch.zeros(3, K)  # nll, correct, tokens
-        for batch in self.source.eval_batches():
-            if batch.is_padding:
-                continue
-            batch = batch.to(self.engine.device)
-            logits = model_logits(model, batch)
-            mask = batch.target != self.source.pad_id
-            _, nll_BL = sequence_loss(logits, batch.target, self.source.pad_id, 0.0)
-            hits = (logits.argmax(-1) == batch.target).float()
-            sums[0] += per_task_sums(nll_BL, mask, batch.tgt_task, K)[0].cpu()
-            correct, tokens = per_task_sums(hits, mask, batch.tgt_task, K)
-            sums[1] += correct.cpu()
-            sums[2] += tokens.cpu()
-        if self.dp_group is not None:
-            dist.all_reduce(sums, group=self.dp_group)
-        seen = [k for k in range(K) if sums[2, k] > 0]
-        table = model.head_selection_table()
-        result = {
-            "nll": float(sums[0].sum() / sums[2].sum().clamp(min=1)),
-            "accuracy": float(sums[1].sum() / sums[2].sum().clamp(min=1)),
-            "nll_per_task": {self.task_names[k]: float(sums[0, k] / sums[2, k]) for k in seen},
-            "accuracy_per_task": {self.task_names[k]: float(sums[1, k] / sums[2, k]) for k in seen},
-            "selection_changes": count_changes(self.last_table, table),
-        }
-        self.last_table = table
+        """Teacher-forced nll / accuracy on the eval split (deterministic selection), selection changes, heatmap."""
+        result = self.engine.evaluate(self.source.eval_batches(), self.task_names)
+        table = self.engine.selection_table()
+        if table is not None:
+            result["selection_changes"] = count_changes(self.last_table, table)
+            self.last_table = table
         if self.is_main and table and self.logger is not None:
             write_heatmap(self.logger.dir / "heatmaps" / f"step_{self.step:06d}.png", table, self.task_names,
-                          model.selection_config.pool_heads, f"selected heads at step {self.step}",
+                          self.selection_cfg.pool_heads, f"selected heads at step {self.step}",
                           self.logger.tb_writer, self.step)
-        model.train()
         return result
 
     # ------------------------------------------------------------------------------------------ loop

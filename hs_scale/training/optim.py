@@ -22,8 +22,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return 1.0
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over every trainable parameter; no weight decay on biases, norms and selector logits."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """(AdamW, LambdaLR) over every trainable parameter; no weight decay on biases, norms and selector logits."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -31,5 +31,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.opt
         (no_decay if param.ndim < 2 or "selectors" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, cfg)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))

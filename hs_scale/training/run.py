@@ -22,6 +22,7 @@ from hs_scale.training.distributed import init_distributed
 from hs_scale.training.engine import StepEngine
 from hs_scale.training.loop import Trainer
 from hs_scale.training.metrics import MetricsLogger
+from hs_scale.training.model_parallel_engine import ModelParallelStepEngine
 
 
 def seed_everything(seed: int) -> None:
@@ -54,11 +55,6 @@ def _parallel_groups(cfg: Config, env):
             raise ValueError("parallel.tensor_parallel x pipeline_parallel > 1 needs that many processes; "
                              "start with torchrun --nproc-per-node N (see README, launch paths)")
         return None
-    if cfg.parallel.model_parallel > 1:
-        raise NotImplementedError(
-            "the trainer runs data parallelism only so far; tensor/pipeline parallel models are built and tested "
-            "in hs_scale.parallel but not yet wired into this loop (set parallel.tensor_parallel=1, "
-            "pipeline_parallel=1)")
     from hs_scale.parallel.layout import init_parallel_groups
 
     return init_parallel_groups(cfg.parallel, seed=cfg.train.seed)
@@ -86,10 +82,15 @@ def train(cfg: Config, *, on_checkpoint: Callable[[str, int, dict], None] | None
     seed_everything(cfg.train.seed)  # identical initial parameters on every rank
     source = build_source(cfg.data, cfg.synthetic, dp_rank, dp_size, cfg.train.grad_accum)
     _check_vocab(cfg, source)
-    model = build_model(cfg.model, cfg.selection, num_tasks=len(source.task_names)).to(env.device)
+    num_tasks = len(source.task_names)
+    if cfg.parallel.model_parallel > 1:
+        engine = ModelParallelStepEngine(cfg.model, cfg.selection, cfg.parallel, cfg.train, groups, num_tasks,
+                                         env.device)
+    else:
+        model = build_model(cfg.model, cfg.selection, num_tasks=num_tasks).to(env.device)
+        engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, None if groups is None else groups.dp,
+                            source.pad_id, num_tasks, env.device)
     seed_everything(cfg.train.seed + 1000 * dp_rank)  # different dropout masks per replica
-    engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, None if groups is None else groups.dp,
-                        source.pad_id, len(source.task_names), env.device)
     logger = MetricsLogger(out) if env.is_main else None
     trainer = Trainer(cfg.train, cfg.selection, engine, source, logger, _checkpoint_manager(cfg, out),
                       cfg.to_dict(), env.is_main, groups, on_checkpoint)
@@ -99,11 +100,13 @@ def train(cfg: Config, *, on_checkpoint: Callable[[str, int, dict], None] | None
         trainer.restore()
     result = trainer.fit()
     if env.is_main:
-        table = format_selection_table(model.head_selection_table(), source.task_names)
-        (out / "selection.txt").write_text(table + "\n")
+        table = engine.selection_table()
+        if table is not None:
+            text = format_selection_table(table, source.task_names)
+            (out / "selection.txt").write_text(text + "\n")
+            print(text)
         (out / "result.json").write_text(json.dumps(result, indent=2))
         logger.close()
-        print(table)
         print(f"outputs in {out}: config.yaml metrics.jsonl selection.txt result.json heatmaps/ tensorboard/ "
               "checkpoints/")
     return result

@@ -153,7 +153,7 @@ def _dp_worker(rank: int, world_size: int, engine_name: str, steps: int) -> dict
     torch.manual_seed(0)
     dense = _small_s2t("group")
     model = copy.deepcopy(dense)
-    engine = build_engine(model, cfg, groups, lr=1e-3, micro_batch_size=2)
+    engine = build_engine(model, cfg, groups, lr=1e-3)
     ref_opt = _adamw(dense.parameters(), lr=1e-3)
     batch = _batch()
     local = _rows(batch, slice(2 * rank, 2 * rank + 2))

@@ -43,13 +43,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run():
     cfg = load_config("configs/synthetic.yaml", ["--train.max_nonfinite_steps=3", "--train.steps=10"])
     trainer = _trainer(cfg)
     poison = {"on": False}
-    trainer.model.register_forward_hook(lambda m, i, out: out * float("nan") if poison["on"] else out)
+    trainer.engine.module.register_forward_hook(lambda m, i, out: out * float("nan") if poison["on"] else out)
     trainer.train_step()
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
     poison["on"] = True
     assert trainer.train_step()["skipped"]
     assert trainer.step == 1 and trainer.skipped_steps == 1
-    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "a skipped step changed params"
+    assert all(torch.equal(before[n], p) for n, p in trainer.engine.module.named_parameters()), "a skipped step changed params"
     poison["on"] = False
     assert not trainer.train_step().get("skipped")  # a good step resets the streak
     poison["on"] = True
@@ -70,7 +70,7 @@ def test_grad_accumulation_equals_one_big_batch():
     cfg_big = load_config("configs/synthetic.yaml", base + ["--synthetic.batch_size=64"])
     cfg_acc = load_config("configs/synthetic.yaml", base + ["--synthetic.batch_size=32", "--train.grad_accum=2"])
     big, acc = _trainer(cfg_big), _trainer(cfg_acc)
-    acc.model.load_state_dict(big.model.state_dict())
+    acc.engine.module.load_state_dict(big.engine.module.state_dict())
     halves = acc.source.next_microbatches()
     whole = _concat(halves)
     big.source.next_microbatches = lambda: [whole]
@@ -80,13 +80,13 @@ def test_grad_accumulation_equals_one_big_batch():
         step = trainer.engine.optimizer.step
 
         def recording_step(*a, _name=name, _trainer=trainer, _step=step, **k):
-            grads[_name] = [p.grad.clone() for p in _trainer.model.parameters()]
+            grads[_name] = [p.grad.clone() for p in _trainer.engine.module.parameters()]
             return _step(*a, **k)
 
         trainer.engine.optimizer.step = recording_step
     r_big, r_acc = big.train_step(), acc.train_step()
     assert r_big["loss"] == pytest.approx(r_acc["loss"], rel=1e-6)
-    names = [n for n, _ in big.model.named_parameters()]
+    names = [n for n, _ in big.engine.module.named_parameters()]
     for n, g_big, g_acc in zip(names, grads["big"], grads["acc"]):
         torch.testing.assert_close(g_big, g_acc, atol=1e-7, rtol=1e-5, msg=n)
 
