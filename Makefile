@@ -23,11 +23,7 @@ $(STAMP): pyproject.toml Makefile
 # Debian packages for the launcher tests (a real local Slurm cluster, numactl for the DeepSpeed launcher).
 # Only where we are root with apt; elsewhere those tests skip with the reason.
 system-deps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (command -v slurmctld >/dev/null && command -v munged >/dev/null) || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	     slurmctld slurmd slurm-client munge numactl >/dev/null) || echo "system-deps: apt install failed"; \
-	else echo "system-deps: not root or no apt: Slurm tests will skip"; fi
+	bash launchers/install_test_deps.sh
 
 test: install system-deps
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
