@@ -1,0 +1,298 @@
+"""The streaming loader: plans (plan.py) -> shard reads -> decoded, augmented, collated Batches.
+
+Distributed contract: dp_rank/dp_size are explicit arguments and the DataLoader worker id comes from
+`torch.utils.data.get_worker_info()`; nothing is read from RANK/WORLD_SIZE (under spawn, Ray or torchrun those
+describe the process, not the data-parallel replica, and workers never see the process group). All tensor/pipeline
+ranks of one replica pass the same dp_rank and so get identical batches.
+
+Uneven data: the train loader never ends (streams cycle, see plan.py), so no rank runs out before another; the
+trainer decides the step count. The eval loader ends after the same number of batches on every rank (padding
+batches flagged `is_padding`).
+
+Exact resume: logical reader w produces planned batches 0, 1, 2, ...; the DataLoader hands them out round-robin,
+so the loader's n-th batch is reader n % W's batch n // W. The state is n (plus error counts); on resume physical
+worker j plays reader (n + j) % W from planned batch (n + j) // W, fast-forwarding the plan without decoding.
+A planned batch whose samples are all bad still yields an (empty) marker so this count stays exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import torch
+
+from hs_scale import tasks as T
+from hs_scale.data import features as F
+from hs_scale.data.batch import Batch, collate, empty_batch
+from hs_scale.data.config import ERROR_KINDS, DataConfig
+from hs_scale.data.manifest import infer_tasks, load_meta
+from hs_scale.data.plan import Meta, eval_plan, train_plan
+from hs_scale.data.shards import (
+    AUDIO,
+    FBANK,
+    TEXT,
+    TRANSLATION,
+    SampleError,
+    ShardReader,
+    decode_audio,
+    decode_fbank,
+    decode_text,
+)
+
+log = logging.getLogger(__name__)
+_STATE_VERSION = 1
+
+
+class _Dataset(torch.utils.data.IterableDataset):
+    """Runs in each DataLoader worker (or the main process when num_workers=0)."""
+
+    def __init__(self, cfg: DataConfig, meta: Meta, tokenizer, train: bool, dp_rank: int, dp_size: int,
+                 start: int, cmvn: F.CMVN | None):
+        self.cfg, self.meta, self.tok, self.train = cfg, meta, tokenizer, train
+        self.dp_rank, self.dp_size, self.start, self.cmvn = dp_rank, dp_size, start, cmvn
+        self.W = max(1, cfg.num_workers)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is not None:  # NOTE: W workers x N torch threads would oversubscribe the cores (never in main)
+            torch.set_num_threads(1)
+        j = info.id if info is not None else 0
+        reader = (self.start + j) % self.W
+        self._reader = self.dp_rank * self.W + reader
+        first = (self.start + j) // self.W
+        self._io = ShardReader(self.cfg.corpus_dir)
+        self._ok, self._bad_shards, self._first_err = 0, set(), None
+        try:
+            if self.train:
+                plan = train_plan(self.meta, self.cfg, self.dp_rank * self.W + reader, self.dp_size * self.W)
+                for k, rows in enumerate(plan):
+                    if k >= first:
+                        yield self._make(rows, reader, k, False)
+            else:
+                mine = eval_plan(self.meta, self.cfg, self.dp_rank, self.dp_size)[reader :: self.W]
+                for k, (rows, pad) in enumerate(mine):
+                    if k >= first:
+                        yield self._make(rows, reader, k, pad)
+        finally:
+            self._io.close()
+
+    def _make(self, rows: np.ndarray, reader: int, k: int, pad: bool) -> Batch:
+        samples, errors = [], []
+        for pos, r in enumerate(rows.tolist()):
+            try:
+                samples.append(self._sample(r, reader, k, pos))
+                self._ok += 1
+            except SampleError as exc:
+                if self.cfg.on_error == "raise":
+                    raise RuntimeError(f"bad sample (on_error=raise): {exc}") from None
+                errors.append((exc.kind, exc.key, exc.shard, str(exc)))
+                self._bad_shards.add(exc.shard)
+                self._first_err = self._first_err or str(exc)
+        if not samples:
+            self._check_all_bad()
+            return empty_batch(reader, k, errors)
+        b = collate(samples, self.tok, self.cfg.decoder_start)
+        b.reader, b.plan_index, b.errors, b.is_padding = reader, k, errors, pad
+        return b
+
+    def _check_all_bad(self) -> None:
+        if self._ok:
+            return
+        mine = {self.meta.shards[i] for i in np.unique(self.meta.shard_idx)} if not self.train else None
+        if self.train:
+            from hs_scale.data.plan import reader_rows
+
+            units = reader_rows(self.meta, self._reader, self.dp_size * self.W)
+            mine = {self.meta.shards[int(self.meta.shard_idx[u[0]])] for us in units.values() for u in us}
+        if mine and mine <= self._bad_shards:
+            raise RuntimeError(
+                f"all {len(mine)} shards this reader owns are bad (no sample could be read); first error: "
+                f"{self._first_err}. Check the corpus with `hs-scale prepare-data --verify --out <corpus>`"
+            )
+
+    def _sample(self, r: int, reader: int, k: int, pos: int) -> dict:
+        m, cfg = self.meta, self.cfg
+        key, shard = m.keys[r], m.shards[int(m.shard_idx[r])]
+        speech = cfg.modality == "speech"
+        tgt_ext = TRANSLATION if m.use_translation[r] else TEXT
+        exts = (tgt_ext,) if speech else tuple(dict.fromkeys((TEXT, tgt_ext)))
+        if speech:
+            exts += (FBANK,) if cfg.precomputed_features else (AUDIO,)
+        data = self._io.read(shard, key, exts)
+        s = {"key": key, "tgt_lang": m.tgt_lang[r], "src_task": int(m.src_task[r]), "tgt_task": int(m.tgt_task[r])}
+        tgt_text = decode_text(data.get(tgt_ext), key, shard)
+        if not tgt_text:
+            raise SampleError("empty_text", key, shard, f"empty .{tgt_ext} in the shard")
+        s["tgt_ids"] = self.tok.encode(tgt_text)
+        if len(s["tgt_ids"]) + 1 > cfg.max_target_tokens:
+            raise SampleError("too_long", key, shard,
+                              f"target {len(s['tgt_ids']) + 1} tokens > {cfg.max_target_tokens}")
+        if not speech:
+            src_text = decode_text(data.get(TEXT), key, shard)
+            if not src_text:
+                raise SampleError("empty_text", key, shard, "empty source text in the shard")
+            s["src_ids"] = self.tok.encode(src_text) + [self.tok.eos_id]
+            if len(s["src_ids"]) > cfg.max_source_tokens:
+                raise SampleError("too_long", key, shard, f"source {len(s['src_ids'])} > {cfg.max_source_tokens}")
+            return s
+        if cfg.precomputed_features:
+            x = decode_fbank(data[FBANK], key, shard)
+        else:
+            x = F.fbank(decode_audio(data[AUDIO], key, shard))
+        if len(x) == 0:
+            raise SampleError("bad_audio", key, shard, "audio shorter than one 25 ms frame")
+        if len(x) > cfg.max_source_frames:
+            raise SampleError("too_long", key, shard, f"{len(x)} frames > {cfg.max_source_frames}")
+        if not np.isfinite(x).all():
+            raise SampleError("nan_features", key, shard, "features contain NaN/inf")
+        x = self.cmvn(x) if self.cmvn is not None else x
+        if self.train and cfg.spec_augment:
+            # Seeded by (seed, rank, reader, planned batch, position): a resumed run masks identically.
+            rng = np.random.default_rng([cfg.seed, 17, self.dp_rank, reader, k, pos])
+            x = F.spec_augment(x, rng, cfg.freq_masks, cfg.freq_mask_width, cfg.time_masks, cfg.time_mask_width)
+        s["feats"] = x
+        return s
+
+
+class StreamLoader:
+    """Iterable of Batch for one data-parallel rank. See the module docstring for the contract.
+
+    Attributes: `tasks` (TaskVocab), `error_counts` (Counter kind -> n), `error_keys` (last 100 (kind, key,
+    shard)), `stats()`. `state_dict()` / `load_state_dict()` hold plain ints/strs/dicts only.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, dp_rank: int, dp_size: int, tokenizer, train: bool):
+        if not (isinstance(dp_size, int) and dp_size >= 1 and 0 <= dp_rank < dp_size):
+            raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
+        self.cfg, self.split, self.dp_rank, self.dp_size = cfg, split, dp_rank, dp_size
+        self.tokenizer, self.train = tokenizer, train
+        self.tasks = T.TaskVocab(list(cfg.tasks) or infer_tasks(cfg))
+        self.error_counts: Counter = Counter({k: 0 for k in ERROR_KINDS})
+        self.error_keys: list[tuple[str, str, str]] = []
+        self._consumed = 0
+        self._samples = 0
+        self._padding = 0
+        self._task_samples: Counter = Counter()
+        self.meta = load_meta(cfg, split, tokenizer, self.tasks, self._on_bad)
+        if len(self.meta) == 0:
+            raise RuntimeError(
+                f"split {split!r} of {cfg.manifest_path}: every row was dropped ({dict(self.error_counts)})")
+        self._check_shards_exist()
+        self.cmvn = F.CMVN.from_corpus(cfg.corpus_dir, cfg.cmvn) if cfg.modality == "speech" else None
+        self._plan_len = len(eval_plan(self.meta, cfg, dp_rank, dp_size)) if not train else None
+
+    # ---- errors -------------------------------------------------------------------------------------------
+    def _on_bad(self, kind: str, key: str, shard: str, msg: str) -> None:
+        if self.cfg.on_error == "raise":
+            raise RuntimeError(f"bad sample (on_error=raise): {kind}: sample {key!r} in shard {shard}: {msg}")
+        self.error_counts[kind] += 1
+        self.error_keys = (self.error_keys + [(kind, key, shard)])[-100:]
+        level = logging.WARNING if self.error_counts[kind] <= 20 else logging.DEBUG  # no log floods
+        log.log(level, "skipping bad sample: %s: %s in %s: %s", kind, key, shard, msg)
+
+    def _check_shards_exist(self) -> None:
+        import os
+
+        missing = [s for s in self.meta.shards if not os.path.exists(os.path.join(self.cfg.corpus_dir, s))]
+        if missing and len(missing) == len(self.meta.shards):
+            raise FileNotFoundError(f"none of the {len(missing)} shards of split {self.split!r} exist under "
+                                    f"{self.cfg.corpus_dir} (e.g. {missing[0]}); is `manifest` the right corpus?")
+        for s in missing:
+            log.warning("shard %s is missing: its samples will count as 'truncated'", s)
+
+    # ---- iteration ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        if self.train:
+            raise TypeError("the train loader is infinite (it cycles); count steps instead")
+        return self._plan_len
+
+    def __iter__(self):
+        cfg = self.cfg
+        if not self.train:
+            self._consumed = 0  # eval always runs from the start
+        ds = _Dataset(cfg, self.meta, self.tokenizer, self.train, self.dp_rank, self.dp_size, self._consumed,
+                      self.cmvn)
+        if cfg.num_workers > 0:
+            it = iter(torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                multiprocessing_context=cfg.worker_start_method or None, persistent_workers=False,
+            ))
+        else:
+            it = iter(ds)
+        try:
+            yield from self._drain(it)
+        finally:
+            # A trainer that stops early (or a resume test) abandons this generator: stop the workers now rather
+            # than in the DataLoader iterator's __del__, which may run at interpreter exit.
+            if hasattr(it, "_shutdown_workers"):
+                try:
+                    it._shutdown_workers()
+                except RuntimeError as exc:
+                    # Seen with spawn only: a worker stopped mid-stream aborts in C++ teardown at exit
+                    # ("terminate called without an active exception"). The data already delivered is unaffected.
+                    log.debug("DataLoader worker shutdown: %s", exc)
+
+    def _drain(self, it):
+        pending_pad = 0
+        last_good = None
+        for b in it:
+            self._consumed += 1
+            for kind, key, shard, msg in b.errors:
+                self._on_bad(kind, key, shard, msg)
+            b.errors = []
+            if len(b) == 0:  # every sample of this planned batch was bad
+                pending_pad += 0 if self.train else 1
+                continue
+            last_good = b
+            self._count(b)
+            yield b
+            while pending_pad and not self.train:  # keep the eval step count equal on every rank
+                pending_pad -= 1
+                yield self._as_padding(last_good)
+        if pending_pad:
+            if last_good is None:
+                raise RuntimeError(
+                    f"split {self.split!r}: no sample of this rank could be read ({dict(self.error_counts)})")
+            for _ in range(pending_pad):
+                yield self._as_padding(last_good)
+
+    def _as_padding(self, b: Batch) -> Batch:
+        self._padding += 1
+        return Batch(**{**b.__dict__, "is_padding": True})
+
+    def _count(self, b: Batch) -> None:
+        if b.is_padding:
+            self._padding += 1
+            return
+        self._samples += len(b)
+        for t in b.src_task.tolist():
+            self._task_samples[self.tasks.names[t]] += 1
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Plain-typed state (JSON / torch.save(weights_only) safe): restore it to continue exactly."""
+        return {"version": _STATE_VERSION, "split": self.split, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "num_workers": self.cfg.num_workers, "seed": self.cfg.seed, "batch_mode": self.cfg.batch_mode,
+                "num_rows": len(self.meta), "consumed": self._consumed, "samples": self._samples,
+                "error_counts": dict(self.error_counts), "task_samples": dict(self._task_samples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("split", "dp_rank", "dp_size", "num_workers", "seed", "batch_mode", "num_rows"):
+            mine = self.state_dict()[k]
+            if state.get(k) != mine:
+                raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has {mine!r}: exact resume "
+                                 f"needs the same {k} (the batch plan depends on it)")
+        self._consumed, self._samples = int(state["consumed"]), int(state["samples"])
+        self.error_counts = Counter(state["error_counts"])
+        self._task_samples = Counter(state["task_samples"])
+
+    def stats(self) -> dict:
+        return {"batches": self._consumed, "samples": self._samples, "padding_batches": self._padding,
+                "errors": {k: v for k, v in self.error_counts.items() if v}, "task_samples": dict(self._task_samples)}
+
+
+def build_loader(cfg: DataConfig, split: str, dp_rank: int, dp_size: int, tokenizer, train: bool) -> StreamLoader:
+    """The loader for `split` on data-parallel rank dp_rank of dp_size (pass them explicitly; see module doc)."""
+    return StreamLoader(cfg, split, dp_rank, dp_size, tokenizer, train)
