@@ -4,10 +4,10 @@
     python -m hs_scale.launch.ds_config --config configs/x.yaml [overrides] --check launchers/deepspeed/ds_config.json
 
 hs_scale has one source of truth, its own config: the DeepSpeed engine (hs_scale.training.engine) builds its
-ds_config from `train:` and `parallel:`, so the launcher needs no ds_config file. This module prints that ds_config
-(for review, or for tools that want a file) and refuses a ds_config file that disagrees with the hs_scale config on
-anything the engine sets (ZeRO stage, bf16, clipping, batch bookkeeping): the run would otherwise not be the
-configured one.
+ds_config from `train:` and `parallel:` with hs_scale.parallel.data_parallel.deepspeed_config, so the launcher needs
+no ds_config file. This module prints that ds_config (for review, or for tools that want a file) and refuses a
+ds_config file that disagrees with the hs_scale config on anything the engine sets (ZeRO stage, bf16, clipping,
+batch bookkeeping): the run would otherwise not be the configured one.
 """
 
 from __future__ import annotations
@@ -18,23 +18,11 @@ import sys
 
 
 def derive(cfg) -> dict:
-    """The ds_config the engine uses for `cfg` (the engine's own builder when it exposes one)."""
-    try:
-        from hs_scale.training import engine
+    """The ds_config the engine uses for `cfg`: hs_scale.parallel.data_parallel.deepspeed_config, with the trainer's
+    settings (it sums its micro-batches before one backward, hence gradient_accumulation_steps 1)."""
+    from hs_scale.parallel.data_parallel import deepspeed_config
 
-        builder = getattr(engine, "deepspeed_config", None)
-    except ImportError:  # pragma: no cover - engine not importable in a minimal env
-        builder = None
-    if builder is not None:
-        return builder(cfg.train, cfg.parallel)
-    return {
-        "train_micro_batch_size_per_gpu": 1,  # batches are token-budgeted by hs_scale.data, not counted by DS
-        "gradient_accumulation_steps": 1,  # hs_scale sums its micro-batches before the one backward
-        "gradient_clipping": cfg.train.clip_norm,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": cfg.parallel.bf16},
-        "steps_per_print": 10**9,
-    }
+    return deepspeed_config(cfg.parallel, grad_accum=1, clip_norm=cfg.train.clip_norm)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -8,6 +8,16 @@ Non-finite steps are skipped on every rank at once (the decision uses all-reduce
 trainer. megatron DDP / local: micro-batches are backpropagated one by one and the step is dropped afterwards.
 DeepSpeed: its engine reduces gradients inside backward, so the losses of all micro-batches are checked first and
 backpropagated together (activation memory grows with train.grad_accum on this engine).
+
+Checkpoints (every engine): `engine.optimizer` is what the trainer hands to the checkpoint manager, and the format
+is layout-free (AdamW state per parameter name). Under DeepSpeed ZeRO 1/2 the client AdamW steps flat fp32
+partitions, so `engine.optimizer` is a ZeroCheckpointOptimizer (hs_scale.training.zero_state) over it that gathers
+/ scatters full per-parameter state; the LambdaLR scheduler stays on the client AdamW, whose param_groups dicts
+DeepSpeed steps with (the lr it applies is the scheduler's). A ZeRO checkpoint therefore loads under any engine and
+layout, and any engine's checkpoint loads under ZeRO (the trainer still resumes only at the same dp size: data
+cursor). Limitation: with parallel.bf16 the model parameters
+(hence the checkpoint) are bf16, and so is the optimizer state read back into them: the fp32 master weights and
+moments are rounded on resume (fp32 runs resume bitwise).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from hs_scale.parallel.layout import ParallelConfig
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
 from hs_scale.training.optim import build_optimizer
+from hs_scale.training.zero_state import checkpoint_optimizer
 
 
 @dataclass
@@ -74,6 +85,9 @@ class StepEngine:
         elif self.kind == "deepspeed":
             # hs_scale sums its micro-batches before the one backward: DeepSpeed accumulates nothing itself.
             self.wrapped = wrap_deepspeed(model, self.optimizer, parallel_cfg, clip_norm=train_cfg.clip_norm)
+            # ZeRO 1/2 swapped the client AdamW's params for flat partitions: checkpoints see per-parameter state
+            # through this view (ZeRO 0: the client AdamW itself). The scheduler keeps driving the client's lr.
+            self.optimizer = checkpoint_optimizer(self.wrapped)
 
     # ------------------------------------------------------------------ what the trainer asks of every engine
     @property
@@ -200,6 +214,8 @@ class StepEngine:
         self.wrapped.backward(sum(o[0] for o in outs))
         self.wrapped.step()
         self.scheduler.step()
+        if hasattr(self.optimizer, "release"):  # the full state a checkpoint gathered is stale now: free it
+            self.optimizer.release()
         grad_norm = self.wrapped.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         return StepResult(loss, int(global_tokens), grad_norm, stats[1:1 + K], stats[1 + K:], False)
