@@ -62,10 +62,6 @@ def test_remote_code_greedy_generate_takes_the_task(exported, arch):
 
 
 def test_remote_code_beam_generate(exported):
-    from test_export_per_task import SEARCH_OFF_BY_ONE
-
-    if SEARCH_OFF_BY_ONE:
-        pytest.xfail("hs_scale/evaluation/search.py stop rule uses (step + 1) ** lp, HF uses step ** lp")
     model, hf = exported["text"]
     for k, task in enumerate(TASKS):
         b = eval_batch("text", k, batch_size=6)
