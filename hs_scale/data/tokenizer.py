@@ -74,8 +74,8 @@ def build_tokenizer(
     """Train a unigram SentencePiece model on `texts`; writes out_prefix.model/.vocab and returns it.
 
     Ids: bos=0, pad=1, eos=2, unk=3 (fairseq's and transformers' Speech2Text/M2M100 convention, which the S2T
-    model's positions rely on: pad must be 1), then the tags, then the pieces. `vocab_size` is lowered automatically when
-    the text is too small for it (SentencePiece refuses otherwise).
+    model's positions rely on: pad must be 1), then the tags, then the pieces. `vocab_size` is lowered
+    automatically when the text is too small for it (SentencePiece refuses otherwise).
     """
     import sentencepiece as spm
 

@@ -9,10 +9,12 @@ so a dense model maps onto HF by renaming only (see ``hf_names.py``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from hs_scale.models.config import ModelConfig
@@ -126,6 +128,17 @@ class DecoderLayer(_FFNMixin, nn.Module):
         return x_BLD + F.dropout(h_BLD, p=self.dropout, training=self.training)
 
 
+def _maybe_checkpointed(stack: nn.Module, layer: nn.Module):
+    """`layer`, or `layer` under activation checkpointing when the stack asks for it in training.
+
+    Non-reentrant checkpointing recomputes the layer in backward with the same dropout RNG state; the head choice
+    is an input, so the recomputation uses the same selected heads and the gradient still reaches phi.
+    """
+    if not (stack.checkpoint_activations and stack.training and torch.is_grad_enabled()):
+        return layer
+    return functools.partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
+
+
 class Encoder(nn.Module):
     """Positions + dropout + encoder layers + final LayerNorm, on already embedded (and scaled) inputs."""
 
@@ -135,6 +148,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg, pool_heads) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(cfg.d_model)
         self.dropout = cfg.dropout
+        self.checkpoint_activations = False  # set by hs_scale.training (train.activation_checkpointing)
 
     def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor, choices: LayerChoices, tasks: Tasks) -> Tensor:
         """padding_mask_BS: bool, True = padded position (no position embedding, never attended to)."""
@@ -143,7 +157,7 @@ class Encoder(nn.Module):
         # An all-False mask costs a masked kernel for nothing: drop it.
         mask_BS = padding_mask_BS if bool(padding_mask_BS.any()) else None
         for i, layer in enumerate(self.layers):
-            x_BSD = layer(x_BSD, mask_BS, _choice(choices, i), tasks)
+            x_BSD = _maybe_checkpointed(self, layer)(x_BSD, mask_BS, _choice(choices, i), tasks)
         return self.layer_norm(x_BSD)
 
 
@@ -199,6 +213,7 @@ class Decoder(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(cfg.d_model)
         self.dropout = cfg.dropout
+        self.checkpoint_activations = False  # set by hs_scale.training (train.activation_checkpointing)
 
     def forward(
         self,
@@ -219,7 +234,8 @@ class Decoder(nn.Module):
         if memory_padding_mask_BS is not None and not bool(memory_padding_mask_BS.any()):
             memory_padding_mask_BS = None
         for i, layer in enumerate(self.layers):
-            x_BLD = layer(
+            run = layer if cache is not None else _maybe_checkpointed(self, layer)
+            x_BLD = run(
                 x_BLD,
                 memory_BSD,
                 memory_padding_mask_BS,

@@ -49,6 +49,10 @@ class TrainConfig:
     dtype: str = "fp32"
     """"fp32" or "bf16" (autocast; parameters and optimizer state stay fp32)."""
 
+    activation_checkpointing: bool = False
+    """Recompute each encoder/decoder layer in backward instead of keeping its activations (less memory, about
+    one more forward of compute). Applies to the replicated engines (one process, megatron DDP, ZeRO)."""
+
     max_nonfinite_steps: int = 5
     """A step whose loss or gradient is NaN/inf is skipped and counted; this many in a row stop the run."""
 

@@ -79,6 +79,10 @@ class StepEngine:
         self.dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
         self.kind = "local" if dp_group is None else parallel_cfg.engine
         self.optimizer, self.scheduler = build_optimizer(model, train_cfg)
+        if train_cfg.activation_checkpointing:
+            for stack in (getattr(model, "encoder", None), model.decoder):
+                if stack is not None:
+                    stack.checkpoint_activations = True
         self.wrapped: nn.Module = model
         if self.kind == "megatron_ddp":
             self.wrapped = wrap_megatron_ddp(model, parallel_cfg)

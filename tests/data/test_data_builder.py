@@ -62,7 +62,7 @@ def test_verify_detects_damage(corpus_copy):
 
 
 def test_builds_are_reproducible(tmp_path):
-    from conftest import make_rows
+    from data_helpers import make_rows
 
     from data_pipelines.build import build_from_rows
 

@@ -65,7 +65,7 @@ def test_task_keys_domain_and_composite(tiny_corpus):
 
 
 def test_translation_target_and_text_modality(tmp_path):
-    from conftest import make_rows
+    from data_helpers import make_rows
 
     from data_pipelines.build import build_from_rows
 
@@ -178,7 +178,7 @@ def test_temperature_sampling():
 
 
 def test_sampling_follows_temperature(tmp_path):
-    from conftest import make_rows
+    from data_helpers import make_rows
 
     from data_pipelines.build import build_from_rows
 

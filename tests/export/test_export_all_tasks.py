@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import SYNTH, TASKS, eval_batch, forward, hf_inputs, hf_tokens  # noqa: E402
+from export_helpers import SYNTH, TASKS, eval_batch, forward, hf_inputs, hf_tokens  # noqa: E402
 
 from hs_scale.evaluation.search import SearchConfig, generate  # noqa: E402
 from hs_scale.export import export_all_tasks_from_model, resolve_decoder_start  # noqa: E402

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import SYNTH, TASKS, eval_batch, forward, hf_inputs, model_cfg, selection_cfg  # noqa: E402
+from export_helpers import SYNTH, TASKS, eval_batch, forward, hf_inputs, model_cfg, selection_cfg  # noqa: E402
 
 from hs_scale.export import export_task_from_model  # noqa: E402
 from hs_scale.export.cli import main_export  # noqa: E402
@@ -45,9 +45,13 @@ def test_tokenizer_files_reproduce_our_ids(spm_path, tmp_path):
 
 
 def test_tokenizer_with_other_special_ids_is_refused(spm_path, tmp_path):
-    model = build_model(model_cfg("s2t"), None, 1)  # s2t: pad 1, eos 2; the spm has pad 0, eos 3
-    with pytest.raises(ValueError, match="pad id 0, the model's pad_token_id is 1"):
-        export_task_from_model(model, ["en"], "en", str(tmp_path), tokenizer_dir=spm_path)
+    from hs_scale.data.tokenizer import load_tokenizer
+
+    # The spm follows fairseq (bos 0, pad 1, eos 2); a model trained with pad 5 cannot use it.
+    cfg = ModelConfig(arch="text", d_model=16, encoder_layers=1, decoder_layers=1, num_heads=2, ffn_dim=16,
+                      vocab_size=load_tokenizer(spm_path).vocab_size, pad_token_id=5)
+    with pytest.raises(ValueError, match="pad id 1, the model's pad_token_id is 5"):
+        export_task_from_model(build_model(cfg, None, 1), ["en"], "en", str(tmp_path), tokenizer_dir=spm_path)
 
 
 def test_feature_extractor_matches_hs_scale_fbank(tmp_path):

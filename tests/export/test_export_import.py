@@ -8,7 +8,7 @@ import yaml
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import eval_batch, forward, hf_inputs, model_cfg  # noqa: E402
+from export_helpers import eval_batch, forward, hf_inputs, model_cfg  # noqa: E402
 
 from hs_scale.export import ExportError, import_dense  # noqa: E402
 from hs_scale.export.cli import main_import  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import (  # noqa: E402
+from export_helpers import (  # noqa: E402
     SYNTH,
     TASKS,
     eval_batch,

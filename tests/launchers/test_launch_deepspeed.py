@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import REPO, TINY, assert_curves_match, checkpoints, final_curve, launch_env, run_tool
+from launchers_helpers import REPO, TINY, assert_curves_match, checkpoints, final_curve, launch_env, run_tool
 
 from hs_scale.config import load_config
 from hs_scale.launch import ds_config

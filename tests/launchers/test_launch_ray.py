@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, assert_curves_match, final_curve, launch_env, run_tool, train_losses
+from launchers_helpers import REPO, TINY, assert_curves_match, final_curve, launch_env, run_tool, train_losses
 
 from hs_scale.launch.procs import pids_with_marker, wait_for
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, _ray_missing, assert_curves_match, checkpoints, final_curve, launch_env
+from launchers_helpers import REPO, TINY, _ray_missing, assert_curves_match, checkpoints, final_curve, launch_env
 
 from hs_scale.launch.procs import free_port_block, free_ports, kill_marked
 

@@ -7,7 +7,16 @@ import os
 import subprocess
 
 import pytest
-from conftest import REPO, STEPS, TINY, assert_curves_match, checkpoints, final_curve, launch_env, tiny_overrides
+from launchers_helpers import (
+    REPO,
+    STEPS,
+    TINY,
+    assert_curves_match,
+    checkpoints,
+    final_curve,
+    launch_env,
+    tiny_overrides,
+)
 
 from hs_scale.launch.procs import free_ports
 

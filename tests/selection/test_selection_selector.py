@@ -60,10 +60,10 @@ def test_training_draws_advance_and_eval_is_deterministic():
     sel.eval()
     first = [c.heads for c in sel()]
     second = [c.heads for c in sel()]
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert int(sel.draws) == 5  # eval consumes no draw
     expected = [select_heads(sel.logits[:, layer], 4, "subset", 5.0).heads for layer in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(first, expected))
+    assert all(torch.equal(a, b) for a, b in zip(first, expected, strict=True))
 
 
 _CHILD = """

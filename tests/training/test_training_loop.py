@@ -49,7 +49,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run():
     poison["on"] = True
     assert trainer.train_step()["skipped"]
     assert trainer.step == 1 and trainer.skipped_steps == 1
-    assert all(torch.equal(before[n], p) for n, p in trainer.engine.module.named_parameters()), "a skipped step changed params"
+    params = trainer.engine.module.named_parameters()
+    assert all(torch.equal(before[n], p) for n, p in params), "a skipped step changed parameters"
     poison["on"] = False
     assert not trainer.train_step().get("skipped")  # a good step resets the streak
     poison["on"] = True
@@ -87,7 +88,7 @@ def test_grad_accumulation_equals_one_big_batch():
     r_big, r_acc = big.train_step(), acc.train_step()
     assert r_big["loss"] == pytest.approx(r_acc["loss"], rel=1e-6)
     names = [n for n, _ in big.engine.module.named_parameters()]
-    for n, g_big, g_acc in zip(names, grads["big"], grads["acc"]):
+    for n, g_big, g_acc in zip(names, grads["big"], grads["acc"], strict=True):
         torch.testing.assert_close(g_big, g_acc, atol=1e-7, rtol=1e-5, msg=n)
 
 
@@ -104,3 +105,25 @@ def _concat(batches):
                  src_task=cat([b.src_task for b in batches]), tgt_task=cat([b.tgt_task for b in batches]),
                  num_target_tokens=sum(b.num_target_tokens for b in batches), source_tokens=src,
                  source_lengths=cat([b.source_lengths for b in batches]))
+
+
+def test_activation_checkpointing_gives_the_same_step(monkeypatch):
+    """Recomputing layers in backward changes memory, not the update (dropout on: same RNG replay)."""
+    base = ["--train.steps=1", "--model.dropout=0.1"]
+    plain = _trainer(load_config("configs/synthetic.yaml", base))
+    ckpt = _trainer(load_config("configs/synthetic.yaml", base + ["--train.activation_checkpointing=true"]))
+    ckpt.engine.module.load_state_dict(plain.engine.module.state_dict())
+    assert ckpt.engine.module.encoder.checkpoint_activations and ckpt.engine.module.decoder.checkpoint_activations
+    from hs_scale.models import layers
+
+    calls, forward = [], layers.EncoderLayer.forward
+    monkeypatch.setattr(layers.EncoderLayer, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    torch.manual_seed(0)
+    r_plain = plain.train_step()
+    plain_calls = len(calls)
+    torch.manual_seed(0)
+    r_ckpt = ckpt.train_step()
+    assert len(calls) - plain_calls == 2 * plain_calls, "checkpointing must recompute every layer in backward"
+    assert r_plain["loss"] == r_ckpt["loss"]
+    for (n, p), q in zip(plain.engine.module.named_parameters(), ckpt.engine.module.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6, msg=n)
