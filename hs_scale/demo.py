@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hs-scale demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="where the corpus, run and report go")
-    parser.add_argument("--size", type=int, default=1500, help="training utterances in the corpus")
+    parser.add_argument("--size", type=int, default=3000, help="training utterances in the corpus")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
     parser.add_argument("--average-last", type=int, default=3, help="checkpoints averaged for evaluation")
     args, extra = parser.parse_known_args(argv)
