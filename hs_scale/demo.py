@@ -20,13 +20,14 @@ from pathlib import Path
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_asr.yaml"
 
 
-def _build_corpus(corpus: Path, size: int) -> dict:
+def _build_corpus(corpus: Path, size: int, vocab_size: int) -> dict:
     from data_pipelines.cli import main as prepare_data
 
     info = corpus / "info.json"
     if info.exists() and prepare_data(["--verify", "--out", str(corpus)]) == 0:
         print(f"[demo] corpus {corpus} already built and verified")
-    elif prepare_data(["--recipe", "demo", "--out", str(corpus), "--size", str(size)]) != 0:
+    elif prepare_data(["--recipe", "demo", "--out", str(corpus), "--size", str(size),
+                       "--vocab-size", str(vocab_size)]) != 0:
         raise SystemExit("[demo] building the corpus failed (see above)")
     return json.loads(info.read_text())
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="where the corpus, run and report go")
     parser.add_argument("--size", type=int, default=3000, help="training utterances in the corpus")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="SentencePiece pieces of the corpus tokenizer")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
     parser.add_argument("--average-last", type=int, default=3, help="checkpoints averaged for evaluation")
     args, extra = parser.parse_known_args(argv)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "train"
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    info = _build_corpus(out / "corpus", args.size)
+    info = _build_corpus(out / "corpus", args.size, args.vocab_size)
     timings["build corpus"] = time.perf_counter() - start
     t = time.perf_counter()
     _train(out / "corpus", run_dir, args.nproc, extra)
