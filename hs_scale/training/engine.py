@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from hs_scale.parallel.data_parallel import wrap_deepspeed, wrap_megatron_ddp
 from hs_scale.parallel.layout import ParallelConfig
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
+from hs_scale.training.loss import token_losses
 from hs_scale.training.optim import build_optimizer
 from hs_scale.training.zero_state import checkpoint_optimizer
 
@@ -121,8 +121,7 @@ class StepEngine:
             with self._autocast():
                 logits = model_logits(model, batch).float()
             mask = batch.target != self.pad_id
-            nll = F.cross_entropy(logits.flatten(0, 1), batch.target.flatten(), ignore_index=self.pad_id,
-                                  reduction="none").view_as(mask)
+            _, nll = token_losses(logits, batch.target, self.pad_id, 0.0)
             hits = (logits.argmax(-1) == batch.target).float()
             for row, values in ((0, nll), (1, hits), (2, torch.ones_like(hits))):
                 sums[row].index_add_(0, batch.tgt_task.cpu(), (values * mask).sum(1).cpu())
@@ -151,13 +150,9 @@ class StepEngine:
         """(scaled loss to backpropagate, nll sums per task [K], tokens per task [K], raw loss sum)."""
         with self._autocast():
             logits = model_logits(self.wrapped, batch)
-        flat_logits, flat_target = logits.float().flatten(0, 1), batch.target.flatten()
-        loss_sum = F.cross_entropy(flat_logits, flat_target, ignore_index=self.pad_id, reduction="sum",
-                                   label_smoothing=self.cfg.label_smoothing)
-        nll = F.cross_entropy(flat_logits.detach(), flat_target, ignore_index=self.pad_id, reduction="none")
+        loss_sum, nll = token_losses(logits, batch.target, self.pad_id, self.cfg.label_smoothing)
         mask = (batch.target != self.pad_id).float()
-        nll_k = torch.zeros(self.num_tasks, device=self.device).index_add_(
-            0, batch.tgt_task, (nll.view_as(mask) * mask).sum(1))
+        nll_k = torch.zeros(self.num_tasks, device=self.device).index_add_(0, batch.tgt_task, (nll * mask).sum(1))
         tok_k = torch.zeros(self.num_tasks, device=self.device).index_add_(0, batch.tgt_task, mask.sum(1))
         # megatron DDP sums gradients over dp; DeepSpeed averages them (hence x dp).
         scale = self.dp_size if self.kind == "deepspeed" else 1.0
