@@ -23,7 +23,6 @@ import inspect
 import os
 import pickle
 import queue
-import random
 import socket
 import sys
 import time
@@ -35,23 +34,14 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from hs_scale.seeding import seed_everything
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2**32))
-    except ImportError:  # numpy is optional for the harness
-        pass
 
 
 def _load_function(path: str, qualname: str) -> Callable:

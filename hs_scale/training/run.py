@@ -7,15 +7,14 @@
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hs_scale.config import Config, dump_config
 from hs_scale.models import build_model
+from hs_scale.seeding import seed_everything
 from hs_scale.selection.selector import format_selection_table
 from hs_scale.training.data_source import build_source
 from hs_scale.training.distributed import init_distributed
@@ -23,12 +22,6 @@ from hs_scale.training.engine import StepEngine
 from hs_scale.training.loop import Trainer
 from hs_scale.training.metrics import MetricsLogger
 from hs_scale.training.model_parallel_engine import ModelParallelStepEngine
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _check_vocab(cfg: Config, source) -> None:
