@@ -38,6 +38,7 @@ EXPORTABLE_MODEL_FIELDS = frozenset(
         "attention_dropout", "activation_dropout", "conv_channels", "conv_kernel_sizes", "input_feat_per_channel",
         "max_source_positions", "max_target_positions", "pad_token_id", "bos_token_id", "eos_token_id",
         "decoder_start_token_id", "scale_embedding", "tie_embeddings", "attention_backend", "init_std",
+        "ctc_weight",  # training only: the CTC head is dropped (hf_names.OURS_WITHOUT_HF)
     }
 )  # fmt: skip
 

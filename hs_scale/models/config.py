@@ -87,6 +87,12 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal init of linear, conv and embedding weights (HF's init_std)."""
 
+    ctc_weight: float = 0.0
+    """s2t only: weight lambda of a CTC loss on the encoder output in the joint objective
+    (1 - lambda) * attention + lambda * CTC (hybrid CTC/attention ASR, Watanabe et al. 2017; ESPnet uses 0.3).
+    It teaches the encoder monotonic alignments early, which small speech corpora need. 0 = no CTC head.
+    The CTC head is a training aid: HF Speech2Text has no place for it, so export drops it."""
+
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"model.arch={self.arch!r} is unknown; use one of {ARCHS}")
@@ -124,6 +130,11 @@ class ModelConfig:
             )
         if self.init_std <= 0:
             raise ValueError(f"model.init_std={self.init_std} must be > 0")
+        if not 0.0 <= self.ctc_weight < 1.0:
+            raise ValueError(f"model.ctc_weight={self.ctc_weight} must be in [0, 1) (0 = no CTC, ESPnet uses 0.3)")
+        if self.ctc_weight > 0 and self.arch != "s2t":
+            raise ValueError(f"model.ctc_weight={self.ctc_weight} needs model.arch='s2t' (CTC aligns speech frames "
+                             "to tokens); set model.ctc_weight=0 for arch 'text'")
         if self.arch == "s2t":
             self._check_s2t()
 

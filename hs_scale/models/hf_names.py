@@ -61,8 +61,9 @@ _EMBEDDINGS = {
 }
 _LM_HEAD = ("lm_head.weight", "lm_head.weight")
 
-# Our tensors with no HF counterpart: the selector logits and draw counters (absent from a dense export).
-OURS_WITHOUT_HF = ("selectors.",)
+# Our tensors with no HF counterpart, absent from a dense export: the selector logits and draw counters, and the
+# CTC head (a training aid of hybrid CTC/attention ASR; HF Speech2Text decodes with the attention decoder only).
+OURS_WITHOUT_HF = ("selectors.", "ctc_head.")
 
 
 def hf_name_map(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:

@@ -75,6 +75,8 @@ class S2TTransformer(Seq2SeqModel):
             raise ValueError(f"S2TTransformer needs model.arch='s2t', got {cfg.arch!r}")
         super().__init__(cfg, selection, num_tasks)
         self.encoder = SpeechEncoder(cfg, self.pool_heads("encoder_self"))
+        # Hybrid CTC/attention: a linear CTC head on the encoder output (blank = the pad id, never a label).
+        self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else None
         self.apply(self._init_weights)
 
     def encode(
@@ -92,7 +94,17 @@ class S2TTransformer(Seq2SeqModel):
         decoder_input_BL: Tensor,
         src_task_B: Tensor | None = None,
         tgt_task_B: Tensor | None = None,
-    ) -> Tensor:
-        """logits_BLV for teacher-forced decoder inputs (start token + target shifted right, pad-padded)."""
+        return_ctc: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """logits_BLV for teacher-forced decoder inputs (start token + target shifted right, pad-padded).
+
+        With ``return_ctc`` (needs ``model.ctc_weight > 0``): (logits_BLV, ctc_logits_BSV, encoder_lengths_B), the
+        CTC head's logits over the encoder positions and each utterance's number of valid positions.
+        """
         memory_BSD, memory_padding_mask_BS = self.encode(features_BTF, feature_lengths_B, src_task_B)
-        return self.decode(decoder_input_BL, memory_BSD, memory_padding_mask_BS, tgt_task_B)
+        logits_BLV = self.decode(decoder_input_BL, memory_BSD, memory_padding_mask_BS, tgt_task_B)
+        if not return_ctc:
+            return logits_BLV
+        if self.ctc_head is None:
+            raise ValueError("return_ctc needs a CTC head: set model.ctc_weight > 0")
+        return logits_BLV, self.ctc_head(memory_BSD), (~memory_padding_mask_BS).sum(1)

@@ -161,7 +161,8 @@ def _forward_step(norm: float, data_iterator, model):
 
 
 def _run_schedule(engine: ParallelEngine, microbatches: list, norm: float, forward_only: bool) -> torch.Tensor:
-    """Runs every micro-batch through the pipeline; returns [loss_sum, nll_sum] of this dp rank (every pp rank)."""
+    """Runs every micro-batch through the pipeline; returns [loss_sum, nll_sum, ctc_sum] of this dp rank (every pp
+    rank). loss_sum is the training objective (CE, or the CE/CTC mix with a CTC head); ctc_sum is 0 without one."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     iters = [iter(microbatches) for _ in engine.chunks]
@@ -196,9 +197,9 @@ def _run_schedule(engine: ParallelEngine, microbatches: list, norm: float, forwa
             micro_batch_size=shape[1],
             forward_only=forward_only,
         )
-    sums = torch.zeros(2)
+    sums = torch.zeros(3)
     for item in store:
-        sums += torch.stack([item["loss_sum"].cpu(), item["nll_sum"].cpu()])
+        sums += torch.stack([item["loss_sum"].cpu(), item["nll_sum"].cpu(), item.get("ctc_sum", torch.zeros(())).cpu()])
     if engine.groups.pp_size > 1:  # only the last stage computed the loss
         dist.all_reduce(sums, group=engine.groups.pp)
     return sums
@@ -253,7 +254,8 @@ def forward_backward(engine: ParallelEngine, microbatches: list, temperature: fl
             p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
     if engine.groups.dp_size > 1:
         dist.all_reduce(sums, group=engine.groups.dp)
-    return {"loss": sums[0].item() / tokens, "nll": sums[1].item() / tokens, "tokens": tokens}
+    return {"loss": sums[0].item() / tokens, "nll": sums[1].item() / tokens, "ctc": sums[2].item() / tokens,
+            "tokens": tokens}
 
 
 def clip_grad_norm(engine: ParallelEngine, clip_norm: float) -> float:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hs_scale.models.ctc import ctc_loss_sum
 from hs_scale.parallel.layout import ParallelGroups, padded_vocab_size
 from hs_scale.parallel.vocab import (
     VocabParallelLMHead,
@@ -155,6 +156,10 @@ class PipelineChunk(nn.Module):
             self.decoder.embed_tokens = emb
         if self.last:
             self.decoder.layer_norm = full.decoder.layer_norm
+            # The CTC head (replicated over TP: it reads the full-width encoder output every TP rank holds) sits on
+            # the last stage, where the encoder output arrives with the decoder states anyway.
+            if getattr(full, "ctc_head", None) is not None:
+                self.ctc_head = full.ctc_head
             if not cfg.tie_embeddings:
                 self.lm_head = VocabParallelLMHead(cfg.vocab_size, self.padded_vocab, cfg.d_model, groups.tp)
                 self.lm_head.load_dense_(full.lm_head.weight)
@@ -248,7 +253,14 @@ class PipelineChunk(nn.Module):
         if not self.last:
             return torch.cat([memory, y], dim=1)
         assert y.shape[1] == L
-        return self.loss(self.decoder.layer_norm(y), batch.target)
+        out = self.loss(self.decoder.layer_norm(y), batch.target)
+        if getattr(self, "ctc_head", None) is not None:
+            w = self.model_config.ctc_weight
+            ctc_sum = ctc_loss_sum(self.ctc_head(memory), (~mask_BS).sum(1), batch.target, batch.target_lengths,
+                                   blank=self.model_config.pad_token_id)
+            out["loss_sum"] = (1.0 - w) * out["loss_sum"] + w * ctc_sum
+            out["ctc_sum"] = ctc_sum.detach()
+        return out
 
     def loss(self, h_BLD: Tensor, target_BL: Tensor) -> dict:
         """Vocab-parallel label-smoothed CE sums over the non-pad targets of this micro-batch."""

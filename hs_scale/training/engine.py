@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hs_scale.models.ctc import ctc_loss_sum
 from hs_scale.parallel.data_parallel import wrap_deepspeed, wrap_megatron_ddp
 from hs_scale.parallel.layout import ParallelConfig
 from hs_scale.selection.config import SelectionConfig
@@ -41,12 +42,13 @@ from hs_scale.training.zero_state import checkpoint_optimizer
 
 @dataclass
 class StepResult:
-    loss: float  # global token-mean label-smoothed loss (without the KL term)
+    loss: float  # global token-mean training loss: (1 - ctc_weight) x label-smoothed CE + ctc_weight x CTC, no KL
     tokens: int  # global target tokens
     grad_norm: float  # before clipping
     nll_per_task: torch.Tensor  # float [K]: global nll sums per decoder task
     tokens_per_task: torch.Tensor  # float [K]
     skipped: bool
+    ctc_loss: float = float("nan")  # global token-mean CTC loss (NaN without a CTC head)
 
 
 def model_flops(model: nn.Module, batch) -> float:
@@ -63,11 +65,30 @@ def model_flops(model: nn.Module, batch) -> float:
     return 6.0 * (enc * src + dec * float(batch.num_target_tokens))
 
 
-def model_logits(model: nn.Module, batch) -> torch.Tensor:
-    """logits_BLV of a teacher-forced batch, speech (features) or text (source_tokens)."""
+def model_logits(model: nn.Module, batch, return_ctc: bool = False):
+    """logits_BLV of a teacher-forced batch, speech (features) or text (source_tokens).
+
+    return_ctc (speech models with a CTC head): (logits_BLV, ctc_logits_BSV, encoder_lengths_B).
+    """
     if getattr(batch, "features", None) is not None:
-        return model(batch.features, batch.feature_lengths, batch.decoder_input, batch.src_task, batch.tgt_task)
+        return model(batch.features, batch.feature_lengths, batch.decoder_input, batch.src_task, batch.tgt_task,
+                     **({"return_ctc": True} if return_ctc else {}))
     return model(batch.source_tokens, batch.decoder_input, batch.src_task, batch.tgt_task)
+
+
+def joint_loss_sum(model: nn.Module, batch, pad_id: int, label_smoothing: float, ctc_weight: float):
+    """(loss sum to backpropagate, per-token nll [B, L], CTC loss sum or None) of one teacher-forced batch.
+
+    loss = (1 - ctc_weight) x label-smoothed CE + ctc_weight x CTC, both summed over the batch; the caller divides
+    by the global target-token count (tokens + EOS), so both terms share one normalisation.
+    """
+    if ctc_weight <= 0:
+        loss_sum, nll = token_losses(model_logits(model, batch), batch.target, pad_id, label_smoothing)
+        return loss_sum, nll, None
+    logits, ctc_logits, enc_lengths = model_logits(model, batch, return_ctc=True)
+    ce_sum, nll = token_losses(logits, batch.target, pad_id, label_smoothing)
+    ctc_sum = ctc_loss_sum(ctc_logits, enc_lengths, batch.target, batch.target_lengths, blank=pad_id)
+    return (1.0 - ctc_weight) * ce_sum + ctc_weight * ctc_sum, nll, ctc_sum.detach()
 
 
 class StepEngine:
@@ -147,10 +168,11 @@ class StepEngine:
         return t
 
     def _micro_loss(self, batch, global_tokens: float):
-        """(scaled loss to backpropagate, nll sums per task [K], tokens per task [K], raw loss sum)."""
+        """(scaled loss to backpropagate, nll sums per task [K], tokens per task [K], raw loss sum, CTC sum)."""
+        ctc_weight = getattr(self.module.config, "ctc_weight", 0.0)
         with self._autocast():
-            logits = model_logits(self.wrapped, batch)
-        loss_sum, nll = token_losses(logits, batch.target, self.pad_id, self.cfg.label_smoothing)
+            loss_sum, nll, ctc_sum = joint_loss_sum(self.wrapped, batch, self.pad_id, self.cfg.label_smoothing,
+                                                    ctc_weight)
         mask = (batch.target != self.pad_id).float()
         nll_k = torch.zeros(self.num_tasks, device=self.device).index_add_(0, batch.tgt_task, (nll * mask).sum(1))
         tok_k = torch.zeros(self.num_tasks, device=self.device).index_add_(0, batch.tgt_task, mask.sum(1))
@@ -161,7 +183,8 @@ class StepEngine:
             kl = self.module.selection_kl(src_task_B=batch.src_task, tgt_task_B=batch.tgt_task)
             kl_scale = 1.0 if self.kind == "deepspeed" else 1.0 / self.dp_size
             scaled = scaled + self.selection_cfg.kl_weight * kl * kl_scale / self.cfg.grad_accum
-        return scaled, nll_k, tok_k, loss_sum.detach()
+        ctc_sum = torch.zeros((), device=self.device) if ctc_sum is None else ctc_sum
+        return scaled, nll_k, tok_k, loss_sum.detach(), ctc_sum
 
     def train_step(self, microbatches: list) -> StepResult:
         self.wrapped.train()
@@ -175,19 +198,21 @@ class StepEngine:
         self.optimizer.zero_grad(set_to_none=True)
         nll_k = torch.zeros(self.num_tasks, device=self.device)
         tok_k, loss_total = torch.zeros_like(nll_k), torch.zeros((), device=self.device)
+        ctc_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             sync = nullcontext() if last or self.kind != "megatron_ddp" else self.wrapped.no_sync()
             with sync:
-                scaled, n, t, raw = self._micro_loss(batch, global_tokens)
+                scaled, n, t, raw, ctc = self._micro_loss(batch, global_tokens)
                 scaled.backward()
-            nll_k, tok_k, loss_total = nll_k + n, tok_k + t, loss_total + raw
+            nll_k, tok_k, loss_total, ctc_total = nll_k + n, tok_k + t, loss_total + raw, ctc_total + ctc
         if self.kind == "megatron_ddp":
             self.wrapped.finish_grad_sync()
             for p in self.module.parameters():
                 if p.requires_grad:
                     p.grad = p.main_grad.to(p.dtype)
-        stats = self._all_reduce(torch.cat([loss_total.reshape(1).float(), nll_k, tok_k]))
+        sums = [loss_total.reshape(1).float(), ctc_total.reshape(1).float(), nll_k, tok_k]
+        stats = self._all_reduce(torch.cat(sums))
         grad_norm = float(nn.utils.clip_grad_norm_(
             [p for p in self.module.parameters() if p.grad is not None],
             self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf))
@@ -197,19 +222,25 @@ class StepEngine:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        K = self.num_tasks
-        return StepResult(loss, int(global_tokens), grad_norm, stats[1:1 + K], stats[1 + K:], skipped)
+        return self._result(stats, global_tokens, grad_norm, skipped)
+
+    def _result(self, stats: torch.Tensor, global_tokens: float, grad_norm: float, skipped: bool) -> StepResult:
+        """StepResult from the all-reduced [loss sum, CTC sum, nll per task (K), tokens per task (K)]."""
+        K, n = self.num_tasks, max(global_tokens, 1.0)
+        ctc = float(stats[1]) / n if getattr(self.module.config, "ctc_weight", 0.0) > 0 else float("nan")
+        return StepResult(float(stats[0]) / n, int(global_tokens), grad_norm, stats[2:2 + K], stats[2 + K:], skipped,
+                          ctc)
 
     def _deepspeed_step(self, batches: list, global_tokens: float) -> StepResult:
         outs = [self._micro_loss(b, global_tokens) for b in batches]
         nll_k = sum(o[1] for o in outs)
         tok_k = sum(o[2] for o in outs)
         raw = sum(o[3] for o in outs)
-        stats = self._all_reduce(torch.cat([raw.reshape(1).float(), nll_k, tok_k]))
+        ctc = sum(o[4] for o in outs)
+        stats = self._all_reduce(torch.cat([raw.reshape(1).float(), ctc.reshape(1).float(), nll_k, tok_k]))
         loss = float(stats[0]) / max(global_tokens, 1.0)
-        K = self.num_tasks
         if not math.isfinite(loss):
-            return StepResult(loss, int(global_tokens), float("nan"), stats[1:1 + K], stats[1 + K:], True)
+            return self._result(stats, global_tokens, float("nan"), True)
         self.wrapped.backward(sum(o[0] for o in outs))
         self.wrapped.step()
         self.scheduler.step()
@@ -217,4 +248,4 @@ class StepEngine:
             self.optimizer.release()
         grad_norm = self.wrapped.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return StepResult(loss, int(global_tokens), grad_norm, stats[1:1 + K], stats[1 + K:], False)
+        return self._result(stats, global_tokens, grad_norm, False)

@@ -96,6 +96,8 @@ class Trainer:
             "nll_per_task": {name: float(result.nll_per_task[k] / result.tokens_per_task[k])
                              for k, name in enumerate(self.task_names) if result.tokens_per_task[k] > 0},
         }
+        if math.isfinite(result.ctc_loss):
+            metrics["ctc_loss"] = result.ctc_loss
         if self.cfg.peak_tflops > 0:
             metrics["mfu"] = metrics["tflops_per_s"] / (self.cfg.peak_tflops * self.engine.dp_size)
         return metrics

@@ -19,3 +19,4 @@ def sequence_loss(logits_BLV: Tensor, target_BL: Tensor, pad_id: int, label_smoo
     """(token-mean label-smoothed loss, per-token nll [B, L]): the single-process reference of the tests."""
     loss_sum, nll_BL = token_losses(logits_BLV, target_BL, pad_id, label_smoothing)
     return loss_sum / target_BL.ne(pad_id).sum().clamp(min=1), nll_BL
+

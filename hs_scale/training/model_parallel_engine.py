@@ -62,7 +62,8 @@ class ModelParallelStepEngine:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         none = torch.zeros(self.num_tasks)
-        return StepResult(stats["loss"], int(stats["tokens"]), grad_norm, none, none, skipped)
+        ctc = stats["ctc"] if getattr(self.engine.modules[0].model_config, "ctc_weight", 0.0) > 0 else float("nan")
+        return StepResult(stats["loss"], int(stats["tokens"]), grad_norm, none, none, skipped, ctc)
 
     def evaluate(self, batches, task_names: list[str]) -> dict:
         real = [b.to(self.device) for b in batches if not b.is_padding]

@@ -23,13 +23,13 @@ from hs_scale.parallel.harness import run_distributed  # noqa: E402
 ENC, DEC, V, PAD, EPS = 2, 2, 41, 1, 0.1
 
 
-def _small_s2t():
+def _small_s2t(ctc_weight: float = 0.0):
     from hs_scale.models import ModelConfig, build_model
     from hs_scale.selection.config import SelectionConfig
 
     cfg = ModelConfig(
         arch="s2t", d_model=32, encoder_layers=ENC, decoder_layers=DEC, num_heads=4, ffn_dim=64, vocab_size=V,
-        dropout=0.0, conv_channels=16, conv_kernel_sizes=[3], input_feat_per_channel=8,
+        dropout=0.0, conv_channels=16, conv_kernel_sizes=[3], input_feat_per_channel=8, ctc_weight=ctc_weight,
     )
     return build_model(cfg, SelectionConfig(strategy="group", pool_heads=8), num_tasks=3)
 
@@ -47,6 +47,7 @@ def _microbatches(n: int) -> list:
             feature_lengths=torch.tensor([T, T - 3]),
             decoder_input=torch.cat([torch.full((2, 1), 2), tgt[:, :-1]], dim=1),
             target=tgt,
+            target_lengths=tgt.ne(PAD).sum(1),
             src_task=torch.tensor([i % 3, 2]),
             tgt_task=torch.tensor([1, (i + 1) % 3]),
         ))
@@ -54,20 +55,30 @@ def _microbatches(n: int) -> list:
 
 
 def _reference(dense, microbatches):
-    """Single-process gradient accumulation with the global token-mean loss."""
+    """Single-process gradient accumulation with the global token-mean loss (joint CE/CTC with a CTC head)."""
+    from hs_scale.models.ctc import ctc_loss_sum
+
     tokens = sum(int(mb.target.ne(PAD).sum()) for mb in microbatches)
-    total = 0.0
+    total, w = 0.0, dense.config.ctc_weight
     for mb in microbatches:
-        logits = dense(mb.features, mb.feature_lengths, mb.decoder_input, mb.src_task, mb.tgt_task)
+        if w > 0:
+            logits, ctc_logits, enc_len = dense(mb.features, mb.feature_lengths, mb.decoder_input, mb.src_task,
+                                                mb.tgt_task, return_ctc=True)
+        else:
+            logits = dense(mb.features, mb.feature_lengths, mb.decoder_input, mb.src_task, mb.tgt_task)
         loss = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), mb.target.flatten(), ignore_index=PAD, label_smoothing=EPS, reduction="sum"
-        ) / tokens
+        )
+        if w > 0:
+            ctc = ctc_loss_sum(ctc_logits, enc_len, mb.target, mb.target_lengths, blank=PAD)
+            loss = (1 - w) * loss + w * ctc
+        loss = loss / tokens
         loss.backward()
         total += loss.item()
     return total
 
 
-def _worker(rank: int, world_size: int, tp: int, pp: int, vp: int | None, n_micro: int) -> dict:
+def _worker(rank: int, world_size: int, tp: int, pp: int, vp: int | None, n_micro: int, ctc: float = 0.0) -> dict:
     from hs_scale.parallel.api import build_parallel_engine, forward_backward, parallel_train_step, parallelize_model
     from hs_scale.parallel.collectives import CollectiveCounter
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
@@ -77,7 +88,7 @@ def _worker(rank: int, world_size: int, tp: int, pp: int, vp: int | None, n_micr
     pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, num_microbatches=n_micro)
     groups = init_parallel_groups(pcfg, seed=0)
     torch.manual_seed(0)
-    dense = _small_s2t()
+    dense = _small_s2t(ctc)
     chunks = parallelize_model(copy.deepcopy(dense), pcfg, groups, label_smoothing=EPS)
     engine = build_parallel_engine(chunks, pcfg, groups, lr=1e-3)
     mbs = _microbatches(n_micro)
@@ -191,3 +202,13 @@ def test_tp2_vocab_parallel_matches_single_process():
         attention, ffn = ENC + 2 * DEC, ENC + DEC
         expect = (attention + ffn) + (attention + DEC + ffn) + 1 + 2 + 1
         assert r["counts"] == {"all_reduce@2": expect}, r["counts"]
+
+
+@pytest.mark.slow
+def test_tp2_pp2_with_ctc_matches_single_process():
+    """Hybrid CTC/attention: the CTC head sits on the last stage, replicated over TP, fed the carried memory."""
+    res = run_distributed(_worker, 4, args=(2, 2, None, 2, 0.3), timeout_s=300)
+    _check(res)
+    last_stage_keys = set(res[2]["keys"]) | set(res[3]["keys"])
+    assert {"ctc_head.weight", "ctc_head.bias"} <= last_stage_keys
+    assert not {"ctc_head.weight", "ctc_head.bias"} & (set(res[0]["keys"]) | set(res[1]["keys"]))
