@@ -1,10 +1,12 @@
-"""`hs-scale demo` (what `make demo` runs): a small multilingual ASR run with group head selection, end to end.
+"""`hs-scale demo` (what `make demo` runs): does head selection train a working model, and does it pay?
 
-1. builds the `demo` corpus (speech synthesized with espeak-ng in de, fr, es; three acoustic conditions) unless
-   it is already there and verifies;
-2. trains a small S2T model with group head selection on 2 CPU processes (torchrun, megatron DDP);
-3. evaluates the average of the last checkpoints per language with beam search (WER);
-4. writes a report with the WER table, the selected heads (text and heatmap) and where everything went.
+1. builds the `demo` corpus (spoken numbers, digit strings and dates in de, fr, es, synthesized with espeak-ng
+   under clean / noisy / fast conditions) unless it is already there and verifies;
+2. trains, side by side with the same data, active heads and step budget (one process and one thread each), the
+   group head-selection model of configs/demo_asr.yaml and its shared-attention baseline (selection off);
+3. evaluates both on the test split per language (beam search, average of the last checkpoints, WER);
+4. writes report.md (WER per language for both models, the difference, which model won, the selected heads),
+   learning_curves.png, the group model's heatmap, and summary.json for scripts.
 """
 
 from __future__ import annotations
@@ -18,81 +20,169 @@ import time
 from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_asr.yaml"
+MODELS = {"group": [], "shared": ["--selection.enabled=false"]}
 
 
-def _build_corpus(corpus: Path, size: int, vocab_size: int) -> dict:
+def _build_corpus(corpus: Path, size: int | None) -> dict:
     from data_pipelines.cli import main as prepare_data
 
     info = corpus / "info.json"
     if info.exists() and prepare_data(["--verify", "--out", str(corpus)]) == 0:
-        print(f"[demo] corpus {corpus} already built and verified")
-    elif prepare_data(["--recipe", "demo", "--out", str(corpus), "--size", str(size),
-                       "--vocab-size", str(vocab_size)]) != 0:
-        raise SystemExit("[demo] building the corpus failed (see above)")
+        print(f"[demo] corpus {corpus} already built and verified", flush=True)
+    else:
+        args = ["--recipe", "demo", "--out", str(corpus), "--workers", str(os.cpu_count() or 1)]
+        if prepare_data(args + (["--size", str(size)] if size else [])) != 0:
+            raise SystemExit("[demo] building the corpus failed (see above)")
     return json.loads(info.read_text())
 
 
-def _train(corpus: Path, run_dir: Path, nproc: int, extra: list[str]) -> None:
-    from hs_scale.data import load_tokenizer
-
-    tok = load_tokenizer(str(corpus))
-    hs = ["-m", "hs_scale.cli", "train", "--config", str(CONFIG), f"--data.manifest={corpus}",
-          f"--train.output_dir={run_dir}", f"--model.vocab_size={tok.vocab_size}", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *hs]
-    print("[demo] " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "hs_scale.cli", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env)
 
 
-def _report(out: Path, info: dict, evaluation: dict, timings: dict, run_dir: Path) -> Path:
-    heatmaps = sorted((run_dir / "heatmaps").glob("*.png"))
-    selection = (run_dir / "selection.txt").read_text() if (run_dir / "selection.txt").exists() else ""
-    lines = [
-        "# hs_scale demo: multilingual ASR with group head selection", "",
-        f"Corpus: {info['num_samples']} utterances, {info['hours']:.2f} h of synthesized speech, languages "
-        f"{', '.join(info['params']['langs'])}, conditions {', '.join(info['domains'])}.", "",
+def _last(path: Path, kind: str) -> dict | None:
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("kind") == kind]
+    return rows[-1] if rows else None
+
+
+def _wait(procs: dict[str, subprocess.Popen], out: Path, what: str, steps: int | None = None) -> None:
+    """Wait for every process, printing one progress line every 30 s; fail with the log's tail if one fails."""
+    while any(p.poll() is None for p in procs.values()):
+        time.sleep(1.0 if steps is None else 30.0)
+        if steps is not None and any(p.poll() is None for p in procs.values()):
+            parts = []
+            for name in procs:
+                last = _last(out / name / "metrics.jsonl", "train")
+                parts.append(f"{name} step {last['step']}/{steps} loss {last['loss']:.3f}" if last else f"{name} -")
+            print(f"[demo] {what}: " + " | ".join(parts), flush=True)
+    for name, p in procs.items():
+        if p.returncode != 0:
+            log = out / name / f"{what}.log"
+            tail = "\n".join(log.read_text().splitlines()[-25:]) if log.exists() else ""
+            raise SystemExit(f"[demo] {what} of the {name} model failed (exit {p.returncode}); {log}:\n{tail}")
+
+
+def _train(corpus: Path, out: Path, vocab_size: int, extra: list[str]) -> int:
+    from hs_scale.config import load_config
+
+    steps = load_config(str(CONFIG), extra).train.steps
+    procs = {}
+    for name, flags in MODELS.items():
+        args = ["train", "--config", str(CONFIG), f"--data.manifest={corpus}", f"--train.output_dir={out / name}",
+                f"--model.vocab_size={vocab_size}", "--train.progress_bar=false", *flags, *extra]
+        print("[demo] hs-scale " + " ".join(args), flush=True)
+        procs[name] = _spawn(args, out / name / "train.log")
+    _wait(procs, out, "train", steps)
+    return steps
+
+
+def _evaluate(out: Path, average_last: int, beam: int) -> dict[str, dict]:
+    procs = {name: _spawn(["evaluate", "--checkpoint-root", str(out / name / "checkpoints"), "--average-last",
+                           str(average_last), "--split", "test", "--beam", str(beam), "--metric", "wer",
+                           "--out", str(out / name / "eval_test.json")], out / name / "evaluate.log")
+             for name in MODELS}
+    _wait(procs, out, "evaluate")
+    return {name: json.loads((out / name / "eval_test.json").read_text()) for name in MODELS}
+
+
+def _curves(out: Path) -> Path:
+    """learning_curves.png: training loss and dev nll of both models against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in MODELS:
+        rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        train = [r for r in rows if r["kind"] == "train"]
+        dev = [r for r in rows if r["kind"] == "eval" and "nll" in r]
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
+        axes[1].plot([r["step"] for r in dev], [r["nll"] for r in dev], marker="o", label=name)
+    axes[0].set(title="training loss (CE + CTC)", xlabel="step")
+    axes[1].set(title="dev nll per token (teacher-forced)", xlabel="step")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _wer_table(evals: dict[str, dict]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    wer = {name: {**e["scores"], "average": e["average"]} for name, e in evals.items()}
+    counts = {**evals["group"]["num_sentences"], "average": evals["group"]["total_sentences"]}
+    lines = ["| language | test utterances | group WER | shared WER | group - shared |", "|---|---|---|---|---|"]
+    for t in [*sorted(evals["group"]["scores"]), "average"]:
+        g, s = wer["group"][t], wer["shared"][t]
+        lines.append(f"| {t} | {counts[t]} | {g:.2f} | {s:.2f} | {g - s:+.2f} |")
+    return lines, wer
+
+
+def _report(out: Path, info: dict, evals: dict, timings: dict, steps: int, curves: Path) -> Path:
+    lines, wer = _wer_table(evals)
+    g, s = wer["group"]["average"], wer["shared"]["average"]
+    verdict = ("group head selection won" if g < s else "the shared-attention baseline won" if s < g else "a tie")
+    heatmaps = sorted((out / "group" / "heatmaps").glob("*.png"))
+    selection = out / "group" / "selection.txt"
+    report = [
+        "# hs_scale demo: multilingual ASR, group head selection vs the shared-attention baseline", "",
+        f"Corpus: {info['num_samples']} utterances ({info['splits']}), {info['hours']:.2f} h of synthesized speech "
+        f"(spoken numbers, digit strings, dates), languages {', '.join(info['params']['langs'])}, conditions "
+        f"{', '.join(info['domains'])}. Both models: the same data, {steps} steps, one process each; group selects "
+        "H=4 of H'=8 heads per language in every attention, shared uses the same 4 heads for every language.", "",
+        f"**Result: {verdict}** (average test WER group {g:.2f} vs shared {s:.2f}, beam 5, average of the last "
+        "checkpoints).", "", *lines, "",
         "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in timings.items()], "",
-        "## WER per language (test split, beam 5, average of the last checkpoints)", "",
-        "```", evaluation["table"], "```", "",
-        "## Selected heads (task x layer -> pool heads)", "", "```", selection.rstrip(), "```", "",
-        f"Heatmap: {heatmaps[-1] if heatmaps else '(none)'}", "",
-        f"Training outputs: {run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)",
+        "## Selected heads of the group model (task x layer -> pool heads)", "", "```",
+        selection.read_text().rstrip() if selection.exists() else "(none)", "```", "",
+        f"Heatmap: {heatmaps[-1] if heatmaps else '(none)'}  ", f"Learning curves: {curves}", "",
+        f"Runs: {out / 'group'}, {out / 'shared'} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(report) + "\n")
+    summary = {"models": {name: {"wer": wer[name], "checkpoints": str(out / name / "checkpoints")} for name in MODELS},
+               "winner": "group" if g < s else "shared" if s < g else "tie", "steps": steps,
+               "wall_s": {k: round(v, 1) for k, v in timings.items()},
+               "corpus": {k: info[k] for k in ("num_samples", "splits", "hours")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hs-scale demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="where the corpus, run and report go")
-    parser.add_argument("--size", type=int, default=3000, help="training utterances in the corpus")
-    parser.add_argument("--vocab-size", type=int, default=1000, help="SentencePiece pieces of the corpus tokenizer")
-    parser.add_argument("--nproc", type=int, default=2, help="training processes (data parallel)")
+    parser.add_argument("--out", default="runs/demo", help="where the corpus, runs and report go")
+    parser.add_argument("--size", type=int, help="training utterances in the corpus (recipe default: 7200)")
     parser.add_argument("--average-last", type=int, default=3, help="checkpoints averaged for evaluation")
+    parser.add_argument("--beam", type=int, default=5, help="beam size for the test evaluation (1 = greedy)")
     args, extra = parser.parse_known_args(argv)
-    out = Path(args.out)
-    run_dir = out / "train"
+    out = Path(args.out).resolve()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    info = _build_corpus(out / "corpus", args.size, args.vocab_size)
+    info = _build_corpus(out / "corpus", args.size)
     timings["build corpus"] = time.perf_counter() - start
-    t = time.perf_counter()
-    _train(out / "corpus", run_dir, args.nproc, extra)
-    timings["train (2 processes)"] = time.perf_counter() - t
 
-    from hs_scale.evaluation.cli import main as evaluate
+    from hs_scale.data import load_tokenizer
 
     t = time.perf_counter()
-    eval_json = out / "eval_test.json"
-    code = evaluate(["--checkpoint-root", str(run_dir / "checkpoints"), "--average-last", str(args.average_last),
-                     "--split", "test", "--beam", "5", "--metric", "wer", "--out", str(eval_json)])
-    if code != 0:
-        return code
-    timings["evaluate"] = time.perf_counter() - t
+    steps = _train(out / "corpus", out, load_tokenizer(str(out / "corpus")).vocab_size, extra)
+    timings["train (both models, side by side)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    evals = _evaluate(out, args.average_last, args.beam)
+    timings["evaluate (both models)"] = time.perf_counter() - t
+    curves = _curves(out)
     timings["total"] = time.perf_counter() - start
-    report = _report(out, info, json.loads(eval_json.read_text()), timings, run_dir)
+    report = _report(out, info, evals, timings, steps, curves)
     print(report.read_text())
-    print(f"[demo] report: {report}\n[demo] corpus: {out / 'corpus'}\n[demo] run: {run_dir}\n"
-          f"[demo] evaluation: {eval_json}\n[demo] TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"[demo] report: {report}\n[demo] summary: {out / 'summary.json'}\n[demo] TensorBoard: tensorboard "
+          f"--logdir {out}")
     return 0
