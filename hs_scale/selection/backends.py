@@ -170,17 +170,39 @@ def available_kernels(device: torch.device | None = None) -> dict:
     cuda = torch.cuda.is_available() if device is None else device.type == "cuda" and torch.cuda.is_available()
     facts = {
         "flash_attn_package": HAVE_FLASH_ATTN,
-        "torch_varlen": HAVE_TORCH_VARLEN,
+        "torch_varlen_importable": HAVE_TORCH_VARLEN,
+        "torch_varlen_works": torch_varlen_works() if cuda else False,
         "torch_grouped_mm": hasattr(torch, "_grouped_mm"),
         "cuda": cuda,
     }
     if cuda:
+        cb = torch.backends.cuda
         facts.update(
-            sdpa_flash=torch.backends.cuda.is_flash_attention_available() and torch.backends.cuda.flash_sdp_enabled(),
-            sdpa_mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
-            sdpa_cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
+            sdpa_flash=getattr(cb, "is_flash_attention_available", lambda: None)() and cb.flash_sdp_enabled(),
+            sdpa_mem_efficient=cb.mem_efficient_sdp_enabled(),
+            sdpa_cudnn=getattr(cb, "cudnn_sdp_enabled", lambda: None)(),
         )
     return facts
+
+
+@functools.cache
+def torch_varlen_works() -> bool:
+    """torch.nn.attention.varlen is importable and runs forward + backward on this CUDA device in bf16.
+
+    Probed once (milliseconds): the API is young and its backward or this GPU's kernel may be missing; then the
+    choice falls back to SDPA instead of failing in the middle of training.
+    """
+    if not (HAVE_TORCH_VARLEN and torch.cuda.is_available()):
+        return False
+    try:
+        q = torch.randn(8, 1, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
+        _torch_varlen(q, q, q, cu, cu, 5, 5, True, 0.0).float().sum().backward()
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - any failure means "do not use it"
+        log.warning("torch.nn.attention.varlen is present but failed a forward/backward probe (%s); using SDPA", err)
+        return False
+    return True
 
 
 @functools.cache
@@ -192,13 +214,13 @@ def _choose(name: str, device_type: str, dtype: torch.dtype) -> tuple[str, str]:
         return "flash", "flash-attn is importable"
     if not fused_ok:
         return "sdpa", f"fused varlen kernels need CUDA and bf16/fp16 (have {device_type}, {dtype})"
-    if name == "torch_varlen" and HAVE_TORCH_VARLEN:
+    if name == "torch_varlen" and torch_varlen_works():
         return "torch_varlen", "as configured"
     if name != "torch_varlen" and HAVE_FLASH_ATTN:
         return "flash", "flash-attn is importable"
-    if HAVE_TORCH_VARLEN:
-        return "torch_varlen", "flash-attn is not installed; torch.nn.attention.varlen is available"
-    return "sdpa", "neither flash-attn nor torch.nn.attention.varlen is available"
+    if torch_varlen_works():
+        return "torch_varlen", "flash-attn is not installed; torch.nn.attention.varlen works"
+    return "sdpa", "neither flash-attn nor a working torch.nn.attention.varlen"
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
