@@ -47,7 +47,8 @@ def test_dry_run_plans_every_step_and_runs_the_cuda_free_one(tmp_path):
 def test_summary_judges_the_targets(tmp_path):
     runner = _runner()
     (tmp_path / "attention.json").write_text(json.dumps({
-        "ratio_single_vs_dense": 1.05, "ratio_mixed_vs_dense": 1.42, "ratio_reference_vs_single": 1.7,
+        "ratio_single_vs_dense": 1.15, "ratio_single_vs_dense_per_layer_draw": 1.05, "ratio_mixed_vs_dense": 1.42,
+        "ratio_mixed_loop_vs_dense": 1.42, "ratio_reference_vs_single": 1.7,
         "ms_fwd_bwd": {"a_dense": 2.0}, "config": {"B": 16}}))
     (tmp_path / "train_throughput.json").write_text(json.dumps({"hs_vs_dense_tokens_per_s": 0.95, "mfu": 0.43}))
     (tmp_path / "train_demo").mkdir()
@@ -59,8 +60,11 @@ def test_summary_judges_the_targets(tmp_path):
     summary = runner.summarize(steps, tmp_path, dry_run=False)
     verdict = {c["check"]: c["pass"] for c in summary["checks"]}
     assert verdict == {
-        "attention.ratio_single_vs_dense": True,
+        "attention.ratio_single_vs_dense": False,
+        "attention.ratio_single_vs_dense_per_layer_draw": True,
         "attention.ratio_mixed_vs_dense": False,
+        "attention.ratio_mixed_loop_vs_dense": False,
+        "attention.ratio_mixed_grouped_vs_dense": None,  # not measured (no grouped GEMM there)
         "attention.ratio_reference_vs_single": True,
         "train_throughput.hs_vs_dense_tokens_per_s": True,
         "train_throughput.mfu": True,
