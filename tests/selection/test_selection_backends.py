@@ -107,6 +107,25 @@ def test_torch_varlen_backend_routes_unpadded_and_dropout_to_sdpa(monkeypatch):
     torch.testing.assert_close(out, eager_attention(q, k, v, mask, False, 0.0), **TOL)
 
 
+def test_flash_backend_layouts(monkeypatch):
+    """flash_attention's transposes ([B, T, H, d] for flash-attn) and its varlen route, with the flash-attn
+    functions replaced by written-out ones of the same contract."""
+
+    def dense_flash(q_BTHd, k_BSHd, v_BSHd, dropout_p, causal):  # flash_attn_func's layout and causal convention
+        out = eager_attention(*(t.transpose(1, 2) for t in (q_BTHd, k_BSHd, v_BSHd)), None, causal, dropout_p)
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(backends, "flash_attn_func", dense_flash, raising=False)
+    monkeypatch.setattr(backends, "_flash_attn_varlen", eager_varlen)
+    q, k, v = _qkv(T=4, S=6)
+    for causal in (False, True):  # causal with T < S: bottom-right aligned, like the eager reference
+        torch.testing.assert_close(backends.flash_attention(q, k, v, None, causal, 0.0),
+                                   eager_attention(q, k, v, None, causal, 0.0), **TOL)
+    mask = _padding([6, 2, 5, 4], 6)
+    torch.testing.assert_close(backends.flash_attention(q, k, v, mask, False, 0.0),
+                               eager_attention(q, k, v, mask, False, 0.0), **TOL)
+
+
 @pytest.fixture
 def fresh_choice(monkeypatch):
     """A clean backend-choice cache, restored afterwards (the choice is made once per process)."""
