@@ -47,18 +47,18 @@ def reference_forward(layer: SelectedHeadAttention, x_BTD, heads_BH, weights_BH,
     return layer.out_proj(out_BHTd.transpose(1, 2).reshape(B, T, H * d))
 
 
-def time_fwd_bwd(fn, x, iters: int, warmup: int, device) -> float:
+def time_fwd_bwd(fn, x, iters: int, warmup: int, device, clock=time.perf_counter) -> float:
     """Median seconds of one forward+backward."""
     times = []
     for i in range(warmup + iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn(x).float().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -76,6 +76,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--backend", default="sdpa", help="sdpa | eager | flash | torch_varlen | auto")
     parser.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute on 2 CPU cores)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU time (CPU only, with --threads 1): robust to other load")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -83,6 +86,11 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "process" and device.type != "cpu":
+        parser.error("--clock process measures CPU time: use it with --device cpu")
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     B, T, D, H, P = args.batch, args.seq, args.dim, args.heads, args.pool
     backend = resolve_backend(args.backend, device, dtype)
     kernel = KERNELS[backend]
@@ -120,11 +128,12 @@ def main(argv=None) -> dict:
     # The CPU grouped GEMM exists from torch 2.9 on; on CUDA it is a bf16 (Hopper) kernel.
     if hasattr(torch, "_grouped_mm") and (device.type == "cpu" or grouped_mm_supported(device, dtype)):
         rows["d_hs_mixed_grouped"] = run_mixed("grouped")
-    seconds = {name: time_fwd_bwd(fn, x, args.iters, args.warmup, device) for name, fn in rows.items()}
+    seconds = {name: time_fwd_bwd(fn, x, args.iters, args.warmup, device, clock) for name, fn in rows.items()}
     pooled.mixed_projection = "auto"
     result = {
         "config": dict(B=B, T=T, d=D, H=H, H_pool=P, tasks_mixed=args.tasks, device=str(device),
-                       dtype=args.dtype, backend=backend, threads=torch.get_num_threads(), iters=args.iters),
+                       dtype=args.dtype, backend=backend, threads=torch.get_num_threads(), iters=args.iters,
+                       clock=args.clock),
         "ms_fwd_bwd": {name: 1000 * s for name, s in seconds.items()},
         "ratio_single_vs_dense": seconds["c_hs_single"] / seconds["a_dense"],
         "ratio_mixed_vs_dense": seconds["d_hs_mixed"] / seconds["a_dense"],
