@@ -194,15 +194,20 @@ def torch_varlen_works() -> bool:
     """
     if not (HAVE_TORCH_VARLEN and torch.cuda.is_available()):
         return False
-    try:
-        q = torch.randn(8, 1, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
-        _torch_varlen(q, q, q, cu, cu, 5, 5, True, 0.0).float().sum().backward()
-        torch.cuda.synchronize()
+    try:  # the first forward may run under no_grad / inference_mode (evaluation): the probe needs autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            _probe_torch_varlen()
     except Exception as err:  # noqa: BLE001 - any failure means "do not use it"
         log.warning("torch.nn.attention.varlen is present but failed a forward/backward probe (%s); using SDPA", err)
         return False
     return True
+
+
+def _probe_torch_varlen() -> None:
+    q = torch.randn(8, 1, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
+    _torch_varlen(q, q, q, cu, cu, 5, 5, True, 0.0).float().sum().backward()
+    torch.cuda.synchronize()
 
 
 @functools.cache

@@ -156,6 +156,31 @@ def test_backend_choice(fresh_choice, flash, varlen, name, device, dtype, want):
     assert resolve_backend(name, torch.device(device), dtype) == want
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_torch_varlen_probe(monkeypatch, caplog, fails):
+    """The once-per-process probe runs with autograd on even when the first forward is under inference_mode, and a
+    failing probe means "not available" (with a warning), not a crash."""
+    seen = []
+
+    def probe():
+        seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        if fails:
+            raise RuntimeError("no backward for this op")
+
+    monkeypatch.setattr(backends, "HAVE_TORCH_VARLEN", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_probe_torch_varlen", probe)
+    backends.torch_varlen_works.cache_clear()
+    try:
+        with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="hs_scale.selection.backends"):
+            assert backends.torch_varlen_works() is not fails
+            backends.torch_varlen_works()
+    finally:
+        backends.torch_varlen_works.cache_clear()
+    assert seen == [(True, False)]  # once, with autograd
+    assert ("failed a forward/backward probe (no backward for this op)" in caplog.text) is fails
+
+
 def test_backend_choice_is_logged_once(fresh_choice, caplog):
     with caplog.at_level(logging.INFO, logger="hs_scale.selection.backends"):
         for _ in range(3):
