@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 
@@ -81,6 +82,7 @@ def main(argv=None) -> dict:
                         help="process: this process's CPU time (CPU only, with --threads 1): robust to other load")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # shows the attention backend chosen
     if args.quick:
         args.iters, args.warmup = 3, 1
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import torch
@@ -165,6 +166,7 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak; default: datasheet or measured")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # shows the attention backend chosen
     if args.quick:
         args.d_model, args.layers, args.heads, args.conv_channels = 256, 6, 4, 256
         args.batch, args.frames, args.target_len, args.steps, args.warmup = 4, 400, 40, 3, 1
