@@ -20,12 +20,17 @@ with one grouped GEMM (`torch._grouped_mm`: rows sorted by task, every present t
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hs_scale.selection.backends import KERNELS, resolve_backend
 from hs_scale.selection.selector import HeadChoice
+
+log = logging.getLogger(__name__)
 
 
 class TaskSegments:
@@ -61,8 +66,46 @@ class TaskSegments:
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `mixed_projection="auto"` uses the grouped GEMM: CUDA in bf16 (Hopper's grouped kernel) only."""
-    return hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
+    """Whether `mixed_projection="auto"` uses the grouped GEMM: CUDA in bf16 (Hopper's grouped kernel), once a
+    probe has shown it runs and computes the right thing here."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and grouped_mm_works()
+
+
+@functools.cache
+def grouped_mm_works() -> bool:
+    """torch._grouped_mm exists and its forward + backward match per-group matmuls on this CUDA device in bf16.
+
+    Probed once (milliseconds): a private op whose support varies by version and GPU; a failure or a wrong result
+    means the per-task loop, with a warning, rather than a crash or silently wrong training.
+    """
+    if not (hasattr(torch, "_grouped_mm") and torch.cuda.is_available()):
+        return False
+    try:  # the first forward may run under no_grad / inference_mode (evaluation): the probe needs autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            _probe_grouped_mm()
+    except Exception as err:  # noqa: BLE001 - any failure means "do not use it"
+        log.warning("torch._grouped_mm failed its probe (%s); mixed-task batches use the per-task loop", err)
+        return False
+    return True
+
+
+def _probe_grouped_mm(device: str = "cuda") -> None:
+    """Raises unless _grouped_mm's forward and backward match per-group matmuls (bf16) on `device`."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(48, 64, device=device, generator=gen).bfloat16().requires_grad_()
+    W = torch.randn(3, 32, 64, device=device, generator=gen).bfloat16().requires_grad_()
+    offsets = torch.tensor([16, 16, 48], device=device, dtype=torch.int32)  # group 1 is empty
+    y = torch._grouped_mm(x, W.transpose(1, 2), offs=offsets)
+    grad = torch.randn(y.shape, device=device, generator=gen).bfloat16()
+    gx, gW = torch.autograd.grad(y, (x, W), grad)
+    x0, x2, g0, g2 = x[:16], x[16:], grad[:16], grad[16:]
+    expected = {
+        "output": (y, torch.cat([x0 @ W[0].T, x2 @ W[2].T])),
+        "grad input": (gx, torch.cat([g0 @ W[0], g2 @ W[2]])),
+        "grad weight": (gW, torch.stack([g0.T @ x0, torch.zeros_like(W[1]), g2.T @ x2])),
+    }
+    for name, (got, want) in expected.items():
+        torch.testing.assert_close(got.float(), want.float(), atol=0.5, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
 
 
 class SelectedHeadAttention(nn.Module):

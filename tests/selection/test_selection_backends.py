@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from hs_scale.selection import backends
+from hs_scale.selection import attention, backends
 from hs_scale.selection.attention import SelectedHeadAttention, TaskSegments
 from hs_scale.selection.backends import eager_attention, resolve_backend, varlen_attention
 from hs_scale.selection.reference import reference_attention
@@ -249,6 +249,22 @@ def test_grouped_projection_under_bf16_autocast():
             outs[mode] = layer(x, choice=choice, task_B=TaskSegments(task), causal=True)
     assert outs["grouped"].dtype == outs["loop"].dtype == torch.bfloat16
     torch.testing.assert_close(outs["grouped"].float(), outs["loop"].float(), atol=2e-2, rtol=2e-2)
+
+
+@grouped
+def test_grouped_mm_probe(monkeypatch, caplog):
+    """The probe's own reference (per-group matmuls, an empty group) holds where _grouped_mm runs (CPU here); a
+    probe that raises means the loop, with a warning."""
+    attention._probe_grouped_mm("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_probe_grouped_mm", lambda: torch.testing.assert_close(1.0, 2.0))
+    attention.grouped_mm_works.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hs_scale.selection.attention"):
+            assert not attention.grouped_mm_supported(torch.device("cuda"), torch.bfloat16)
+    finally:
+        attention.grouped_mm_works.cache_clear()
+    assert "torch._grouped_mm failed its probe" in caplog.text
 
 
 def test_mixed_projection_auto_and_bad_value():
