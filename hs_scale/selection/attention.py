@@ -15,7 +15,7 @@ attention: no kernel ever sees the pool, and a mixed-task batch only splits the 
 A mixed-task batch projects either with a Python loop over its task segments (one gather + GEMM per task) or
 with one grouped GEMM (`torch._grouped_mm`: rows sorted by task, every present task's gathered weights stacked
 [G, n*H*d, D]), a fixed number of kernel launches however many tasks are mixed. `mixed_projection` chooses:
-"grouped", "loop", or "auto" (grouped on CUDA in bf16 where torch has it, the loop elsewhere).
+"grouped", "loop", or "auto" (grouped on CUDA in bf16 once a probe has shown it works there, else the loop).
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ class TaskSegments:
         parts = x.index_select(0, self.order).split(self.counts)
         out = torch.cat([fn(task, rows) for task, rows in zip(self.tasks, parts, strict=True)])
         return out.index_select(0, self.inverse)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a GEMM on x runs in: autocast's where it is on for x's device, else x's own."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -188,8 +194,7 @@ class SelectedHeadAttention(nn.Module):
         """[B, T, len(names)*H*d] through one grouped GEMM over the rows sorted by task (no per-task launches)."""
         B, T, D = x_BTD.shape
         W_GnD, b_Gn = self._group_weights(choice, segments.tasks_G, names)
-        dtype = torch.get_autocast_dtype(x_BTD.device.type) if torch.is_autocast_enabled(x_BTD.device.type) \
-            else x_BTD.dtype  # _grouped_mm has no autocast rule: cast as autocast would for F.linear
+        dtype = _compute_dtype(x_BTD)  # _grouped_mm has no autocast rule: cast as autocast would for F.linear
         x_ND = x_BTD.index_select(0, segments.order).reshape(B * T, D).to(dtype)
         offsets_G = (segments.counts_G * T).cumsum(0, dtype=torch.int32)
         # W^T as a column-major view [G, D, n], the layout the grouped kernel wants for its second operand.
@@ -209,11 +214,9 @@ class SelectedHeadAttention(nn.Module):
         if mode not in ("auto", "grouped", "loop"):
             raise ValueError(f"mixed_projection={mode!r} is unknown; use auto, grouped or loop")
         if mode == "auto":
-            dtype = torch.get_autocast_dtype(x_BTD.device.type) if torch.is_autocast_enabled(x_BTD.device.type) \
-                else x_BTD.dtype
             # 16-byte aligned rows of both operands and of the output: what the CUDA grouped kernel requires.
             aligned = x_BTD.shape[-1] % 8 == 0 and (self.num_heads * self.head_dim) % 8 == 0
-            return aligned and grouped_mm_supported(x_BTD.device, dtype)
+            return aligned and grouped_mm_supported(x_BTD.device, _compute_dtype(x_BTD))
         return mode == "grouped"
 
     def _project(self, x_BTD: Tensor, choice, segments: TaskSegments, names: str) -> list[Tensor]:
