@@ -6,20 +6,28 @@ Rows (same B, T, d, H; pool H' for the selection rows):
   a  dense       ordinary H-head attention (SDPA)
   b  reference   the public reference code's way: project and attend all H' heads, then gather H per sample
   c  hs_single   hs_scale, task-homogeneous batch (only the H selected heads are projected and attended)
-  d  hs_mixed    hs_scale, batch mixing 8 tasks (projections split per task segment)
-Ratios written with --json: ratio_single_vs_dense (c/a), ratio_mixed_vs_dense (d/a), ratio_reference_vs_single (b/c).
+  d  hs_mixed    hs_scale, batch mixing 8 tasks, projections as `mixed_projection="auto"` chooses, and the two
+                 ways measured separately: d_hs_mixed_loop (one GEMM per task segment) and d_hs_mixed_grouped
+                 (one torch._grouped_mm; left out where this torch or device cannot run it)
+  s  selector    the selector draw alone (forward + backward), part of rows b, c, d: a model draws once per
+                 forward for all its layers, so per layer it costs s / layers; ratio_single_vs_dense_per_layer_draw
+                 is (c - s) / a, the ratio a layer of a deep model sees
+Ratios written with --json: ratio_single_vs_dense (c/a), ratio_mixed_vs_dense (d/a), ratio_reference_vs_single (b/c),
+ratio_mixed_loop_vs_dense, ratio_mixed_grouped_vs_dense, ratio_single_vs_dense_per_layer_draw.
+Targets on one H200 in bf16 (issue 15): c/a <= 1.10, d/a <= 1.30, b/c >= 1.6.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 
 import torch
 
-from hs_scale.selection.attention import SelectedHeadAttention, TaskSegments
+from hs_scale.selection.attention import SelectedHeadAttention, TaskSegments, grouped_mm_supported
 from hs_scale.selection.backends import KERNELS, resolve_backend
 from hs_scale.selection.selector import HeadSelector
 
@@ -40,18 +48,18 @@ def reference_forward(layer: SelectedHeadAttention, x_BTD, heads_BH, weights_BH,
     return layer.out_proj(out_BHTd.transpose(1, 2).reshape(B, T, H * d))
 
 
-def time_fwd_bwd(fn, x, iters: int, warmup: int, device) -> float:
+def time_fwd_bwd(fn, x, iters: int, warmup: int, device, clock=time.perf_counter) -> float:
     """Median seconds of one forward+backward."""
     times = []
     for i in range(warmup + iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn(x).float().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -67,15 +75,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--backend", default="sdpa", help="sdpa | eager | flash (flash needs CUDA + flash-attn)")
+    parser.add_argument("--backend", default="sdpa", help="sdpa | eager | flash | torch_varlen | auto")
     parser.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute on 2 CPU cores)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU time (CPU only, with --threads 1): robust to other load")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # shows the attention backend chosen
     if args.quick:
         args.iters, args.warmup = 3, 1
 
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "process" and device.type != "cpu":
+        parser.error("--clock process measures CPU time: use it with --device cpu")
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     B, T, D, H, P = args.batch, args.seq, args.dim, args.heads, args.pool
     backend = resolve_backend(args.backend, device, dtype)
     kernel = KERNELS[backend]
@@ -92,27 +109,64 @@ def main(argv=None) -> dict:
         choice = selector()[0]
         return reference_forward(pooled, inp, choice.heads[single_task], choice.weights[single_task], kernel)
 
+    def run_mixed(mode):
+        def run(inp):
+            pooled.mixed_projection = mode
+            return pooled(inp, choice=selector()[0], task_B=mixed_segments)
+
+        return run
+
     rows = {
         "a_dense": lambda inp: dense(inp),
         "b_reference": run_reference,
         "c_hs_single": lambda inp: pooled(inp, choice=selector()[0], task_B=single_segments),
-        "d_hs_mixed": lambda inp: pooled(inp, choice=selector()[0], task_B=mixed_segments),
+        "d_hs_mixed": run_mixed("auto"),
+        "d_hs_mixed_loop": run_mixed("loop"),
     }
-    seconds = {name: time_fwd_bwd(fn, x, args.iters, args.warmup, device) for name, fn in rows.items()}
+    def run_selector(inp):  # the draw alone; returns something shaped like inp for time_fwd_bwd
+        return inp.detach()[:1, :1, :1] * selector()[0].weights.sum()
+
+    rows["s_selector"] = run_selector
+    # The CPU grouped GEMM exists from torch 2.9 on; on CUDA it is a bf16 (Hopper) kernel.
+    if hasattr(torch, "_grouped_mm") and (device.type == "cpu" or grouped_mm_supported(device, dtype)):
+        rows["d_hs_mixed_grouped"] = run_mixed("grouped")
+    seconds, errors = {}, {}
+    for name, fn in rows.items():
+        try:  # one failing row (a kernel this GPU lacks) must not cost the others' numbers
+            seconds[name] = time_fwd_bwd(fn, x, args.iters, args.warmup, device, clock)
+        except Exception as err:  # noqa: BLE001 - reported in the output and the JSON
+            errors[name] = f"{type(err).__name__}: {err}"
+            print(f"row {name} failed: {errors[name]}")
+    pooled.mixed_projection = "auto"
+
+    def ratio(num: str, den: str, minus: str | None = None) -> float | None:
+        if num not in seconds or den not in seconds or (minus and minus not in seconds):
+            return None
+        return (seconds[num] - (seconds[minus] if minus else 0.0)) / seconds[den]
+
     result = {
         "config": dict(B=B, T=T, d=D, H=H, H_pool=P, tasks_mixed=args.tasks, device=str(device),
-                       dtype=args.dtype, backend=backend, threads=torch.get_num_threads(), iters=args.iters),
+                       dtype=args.dtype, backend=backend, threads=torch.get_num_threads(), iters=args.iters,
+                       clock=args.clock),
         "ms_fwd_bwd": {name: 1000 * s for name, s in seconds.items()},
-        "ratio_single_vs_dense": seconds["c_hs_single"] / seconds["a_dense"],
-        "ratio_mixed_vs_dense": seconds["d_hs_mixed"] / seconds["a_dense"],
-        "ratio_reference_vs_single": seconds["b_reference"] / seconds["c_hs_single"],
+        "errors": errors,
+        "ratio_single_vs_dense": ratio("c_hs_single", "a_dense"),
+        "ratio_mixed_vs_dense": ratio("d_hs_mixed", "a_dense"),
+        "ratio_reference_vs_single": ratio("b_reference", "c_hs_single"),
+        "ratio_mixed_loop_vs_dense": ratio("d_hs_mixed_loop", "a_dense"),
+        "ratio_mixed_grouped_vs_dense": ratio("d_hs_mixed_grouped", "a_dense"),
+        "ratio_single_vs_dense_per_layer_draw": ratio("c_hs_single", "a_dense", minus="s_selector"),
+        "mixed_projection_auto": "grouped" if pooled._use_grouped(x) else "loop",
     }
     print(f"attention fwd+bwd  B={B} T={T} d={D} H={H} H'={P} {args.dtype} {device} backend={backend}")
-    print(f"{'row':<14}{'ms':>10}{'vs dense':>10}")
+    print(f"{'row':<20}{'ms':>10}{'vs dense':>10}")
+    dense_s = seconds.get("a_dense", float("nan"))
     for name, s in seconds.items():
-        print(f"{name:<14}{1000 * s:>10.2f}{s / seconds['a_dense']:>10.2f}")
-    for key in ("ratio_single_vs_dense", "ratio_mixed_vs_dense", "ratio_reference_vs_single"):
-        print(f"{key:<28}{result[key]:.3f}")
+        print(f"{name:<20}{1000 * s:>10.2f}{s / dense_s:>10.2f}")
+    for key, value in result.items():
+        if key.startswith("ratio_"):
+            print(f"{key:<40}{'-' if value is None else f'{value:.3f}'}")
+    print(f"mixed_projection auto -> {result['mixed_projection_auto']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

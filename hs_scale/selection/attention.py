@@ -11,9 +11,17 @@ Parameters keep the pool: q_proj/k_proj/v_proj map D -> P*d (rows grouped by hea
   2. projects the segment's tokens with those H-head weights.
 The attention kernel and the output projection then run once over the whole batch as an ordinary H-head
 attention: no kernel ever sees the pool, and a mixed-task batch only splits the projection GEMMs.
+
+A mixed-task batch projects either with a Python loop over its task segments (one gather + GEMM per task) or
+with one grouped GEMM (`torch._grouped_mm`: rows sorted by task, every present task's gathered weights stacked
+[G, n*H*d, D]), a fixed number of kernel launches however many tasks are mixed. `mixed_projection` chooses:
+"grouped", "loop", or "auto" (grouped on CUDA in bf16 once a probe has shown it works there, else the loop).
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +29,8 @@ from torch import Tensor, nn
 
 from hs_scale.selection.backends import KERNELS, resolve_backend
 from hs_scale.selection.selector import HeadChoice
+
+log = logging.getLogger(__name__)
 
 
 class TaskSegments:
@@ -39,6 +49,8 @@ class TaskSegments:
         self.inverse = torch.argsort(self.order)
         uniq, counts = torch.unique_consecutive(task_B[self.order], return_counts=True)
         self.tasks, self.counts = uniq.tolist(), counts.tolist()
+        # For the grouped projection: present task ids and rows per task, as device tensors.
+        self.tasks_G, self.counts_G = uniq, counts
 
     @classmethod
     def single(cls, task: int, batch_size: int) -> TaskSegments:
@@ -53,12 +65,65 @@ class TaskSegments:
         return out.index_select(0, self.inverse)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a GEMM on x runs in: autocast's where it is on for x's device, else x's own."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `mixed_projection="auto"` uses the grouped GEMM: CUDA in bf16 (Hopper's grouped kernel), once a
+    probe has shown it runs and computes the right thing here."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and grouped_mm_works()
+
+
+@functools.cache
+def grouped_mm_works() -> bool:
+    """torch._grouped_mm exists and its forward + backward match per-group matmuls on this CUDA device in bf16.
+
+    Probed once (milliseconds): a private op whose support varies by version and GPU; a failure or a wrong result
+    means the per-task loop, with a warning, rather than a crash or silently wrong training.
+    """
+    if not (hasattr(torch, "_grouped_mm") and torch.cuda.is_available()):
+        return False
+    try:  # the first forward may run under no_grad / inference_mode (evaluation): the probe needs autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            _probe_grouped_mm()
+    except Exception as err:  # noqa: BLE001 - any failure means "do not use it"
+        log.warning("torch._grouped_mm failed its probe (%s); mixed-task batches use the per-task loop", err)
+        return False
+    return True
+
+
+def _probe_grouped_mm(device: str = "cuda") -> None:
+    """Raises unless _grouped_mm's forward and backward match per-group matmuls (bf16) on `device`."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(48, 64, device=device, generator=gen).bfloat16().requires_grad_()
+    W = torch.randn(3, 32, 64, device=device, generator=gen).bfloat16().requires_grad_()
+    offsets = torch.tensor([16, 16, 48], device=device, dtype=torch.int32)  # group 1 is empty
+    y = torch._grouped_mm(x, W.transpose(1, 2), offs=offsets)
+    grad = torch.randn(y.shape, device=device, generator=gen).bfloat16()
+    gx, gW = torch.autograd.grad(y, (x, W), grad)
+    x0, x2, g0, g2 = x[:16], x[16:], grad[:16], grad[16:]
+    expected = {
+        "output": (y, torch.cat([x0 @ W[0].T, x2 @ W[2].T])),
+        "grad input": (gx, torch.cat([g0 @ W[0], g2 @ W[2]])),
+        "grad weight": (gW, torch.stack([g0.T @ x0, torch.zeros_like(W[1]), g2.T @ x2])),
+    }
+    for name, (got, want) in expected.items():
+        torch.testing.assert_close(got.float(), want.float(), atol=0.5, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
+
+
 class SelectedHeadAttention(nn.Module):
     """Multi-head attention over H heads chosen per task from a pool of P (self- or cross-attention).
 
     With P == H and no choice this is an ordinary dense attention with the parameter layout of
     transformers' Speech2Text/M2M100 attention (scaling d**-0.5, biases on all four projections).
     """
+
+    mixed_projection = "auto"
+    """Mixed-task batches: "grouped" (one torch._grouped_mm), "loop" (per task segment) or "auto" (module doc).
+    A class attribute so that subclasses building their own parameters (TP) share it; set it per instance."""
 
     def __init__(
         self,
@@ -105,10 +170,61 @@ class SelectedHeadAttention(nn.Module):
         bias = None if biases[0] is None else torch.cat(biases)
         return torch.cat(weights), bias
 
+    def _group_weights(self, choice: HeadChoice, tasks_G: Tensor, names: str) -> tuple[Tensor, Tensor | None]:
+        """Stacked weights [G, len(names)*H*d, D] (and biases [G, len(names)*H*d]) of the tasks tasks_G.
+
+        The same rows as `_task_weights(choice, task, names)` for each task, gathered in one indexing per name.
+        """
+        P, d, D = self.pool_heads, self.head_dim, self.embed_dim
+        heads_GH = choice.heads.index_select(0, tasks_G)
+        weights, biases = [], []
+        for name in names:
+            proj: nn.Linear = getattr(self, f"{name}_proj")
+            W_GHdD = proj.weight.view(P, d, D)[heads_GH]
+            b_GHd = None if proj.bias is None else proj.bias.view(P, d)[heads_GH]
+            if name == "v":
+                w_GH = choice.weights.index_select(0, tasks_G).to(W_GHdD.dtype)
+                W_GHdD = W_GHdD * w_GH[:, :, None, None]
+                b_GHd = None if b_GHd is None else b_GHd * w_GH[:, :, None]
+            weights.append(W_GHdD.flatten(1, 2))
+            biases.append(None if b_GHd is None else b_GHd.flatten(1))
+        return torch.cat(weights, 1), None if biases[0] is None else torch.cat(biases, 1)
+
+    def _project_grouped(self, x_BTD: Tensor, choice: HeadChoice, segments: TaskSegments, names: str) -> Tensor:
+        """[B, T, len(names)*H*d] through one grouped GEMM over the rows sorted by task (no per-task launches)."""
+        B, T, D = x_BTD.shape
+        W_GnD, b_Gn = self._group_weights(choice, segments.tasks_G, names)
+        dtype = _compute_dtype(x_BTD)  # _grouped_mm has no autocast rule: cast as autocast would for F.linear
+        x_ND = x_BTD.index_select(0, segments.order).reshape(B * T, D).to(dtype)
+        offsets_G = (segments.counts_G * T).cumsum(0, dtype=torch.int32)
+        # W^T as a column-major view [G, D, n], the layout the grouped kernel wants for its second operand.
+        y_Nn = torch._grouped_mm(x_ND, W_GnD.to(dtype).transpose(1, 2), offs=offsets_G)
+        y_BTn = y_Nn.view(B, T, -1)
+        if b_Gn is not None:
+            group_B = torch.repeat_interleave(
+                torch.arange(len(segments.counts), device=x_BTD.device), segments.counts_G, output_size=B
+            )
+            y_BTn = y_BTn + b_Gn.to(dtype).index_select(0, group_B)[:, None, :]
+        # Undoing the sort also makes the gradient reaching _grouped_mm contiguous (index_select's backward),
+        # which its backward requires.
+        return y_BTn.index_select(0, segments.inverse)
+
+    def _use_grouped(self, x_BTD: Tensor) -> bool:
+        mode = self.mixed_projection
+        if mode not in ("auto", "grouped", "loop"):
+            raise ValueError(f"mixed_projection={mode!r} is unknown; use auto, grouped or loop")
+        if mode == "auto":
+            # 16-byte aligned rows of both operands and of the output: what the CUDA grouped kernel requires.
+            aligned = x_BTD.shape[-1] % 8 == 0 and (self.num_heads * self.head_dim) % 8 == 0
+            return aligned and grouped_mm_supported(x_BTD.device, _compute_dtype(x_BTD))
+        return mode == "grouped"
+
     def _project(self, x_BTD: Tensor, choice, segments: TaskSegments, names: str) -> list[Tensor]:
         """Project x with the selected heads' weights; returns one [B, H, T, d] tensor per name."""
         if choice is None:
             y = F.linear(x_BTD, *self._task_weights(None, 0, names))
+        elif segments.order is not None and self._use_grouped(x_BTD):
+            y = self._project_grouped(x_BTD, choice, segments, names)
         else:
             y = segments.map(lambda task, rows: F.linear(rows, *self._task_weights(choice, task, names)), x_BTD)
         B, T = x_BTD.shape[:2]
