@@ -151,9 +151,9 @@ class StepEngine:
         seen = [k for k in range(K) if sums[2, k] > 0]
         return {
             "nll": float(sums[0].sum() / sums[2].sum().clamp(min=1)),
-            "accuracy": float(sums[1].sum() / sums[2].sum().clamp(min=1)),
+            "token_accuracy": float(sums[1].sum() / sums[2].sum().clamp(min=1)),
             "nll_per_task": {task_names[k]: float(sums[0, k] / sums[2, k]) for k in seen},
-            "accuracy_per_task": {task_names[k]: float(sums[1, k] / sums[2, k]) for k in seen},
+            "token_accuracy_per_task": {task_names[k]: float(sums[1, k] / sums[2, k]) for k in seen},
         }
 
     # ------------------------------------------------------------------ internals

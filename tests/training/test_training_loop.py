@@ -30,8 +30,8 @@ def test_synthetic_multilingual_task_reaches_near_perfect_accuracy(tmp_path):
     cfg = load_config("configs/synthetic.yaml", [f"--train.output_dir={tmp_path}", "--train.progress_bar=false",
                                                  "--train.eval_every=0"])
     result = train(cfg)
-    assert result["accuracy"] >= 0.99, result["accuracy_per_task"]
-    assert min(result["accuracy_per_task"].values()) >= 0.98
+    assert result["token_accuracy"] >= 0.99, result["token_accuracy_per_task"]
+    assert min(result["token_accuracy_per_task"].values()) >= 0.98
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if r["kind"] == "train"]
     assert losses[-1] < losses[0] / 10
