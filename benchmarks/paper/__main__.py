@@ -31,8 +31,8 @@ from benchmarks.paper.summary import all_finite, summarize_experiment
 from hs_scale.config import ConfigError
 
 CELL_FIELDS = ("experiment", "variant", "pool_heads", "active_heads", "seed", "metric", "scores", "average",
-               "num_sentences", "signature", "train_s", "eval_s", "dev", "task_names", "encoder_tasks",
-               "decoder_tasks", "selection")
+               "num_sentences", "signature", "train_s", "eval_s", "train_cpu_s", "eval_cpu_s", "process_cpu_s", "dev",
+               "task_names", "encoder_tasks", "decoder_tasks", "selection")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         src = plan.corpora[exp.corpus]
         results["experiments"][e] = {
             "command": command, "wall_s": round(time.perf_counter() - start, 1), "corpus": exp.corpus,
-            "corpus_dir": str(manifests[exp.corpus]), "train_sizes": corpora.train_sizes(manifests[exp.corpus], task_key),
+            "corpus_dir": str(manifests[exp.corpus]),
+            "train_sizes": corpora.train_sizes(manifests[exp.corpus], task_key),
             "low_resource": sorted(src.subsample), "config": exp.config, "overrides": exp.overrides,
             "eval": {**vars(exp.eval)}, "summary": summarize_experiment(cells, exp.groups),
             "cells": [_compact(c) for c in cells],

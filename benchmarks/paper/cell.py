@@ -5,7 +5,8 @@
 spec.json: {"cell": Cell.to_dict(), "manifest": corpus folder}. Writes <cell_dir>/cell.json:
     {..cell fields.., "metric", "scores": {label: %}, "average", "num_sentences": {label: n}, "signature",
      "task_names", "encoder_tasks", "decoder_tasks", "selection": {type: table[task][layer] = heads} | {},
-     "train_s", "eval_s", "dev": {final teacher-forced dev metrics}}
+     "train_s", "eval_s" (wall), "train_cpu_s", "eval_cpu_s", "process_cpu_s" (CPU time),
+     "dev": {final teacher-forced dev metrics}}
 A label is the task for ASR (source task = target task) and "<src task>-><tgt task>" for translation, so ST and MT
 are scored per direction (hs_scale.evaluation.evaluate groups by one side only). The checkpoints are deleted
 after scoring unless spec["keep_checkpoints"] (a cell's model and optimizer state are 50-100 MB on the cpu preset).
@@ -75,11 +76,11 @@ def run_cell(cell: Cell, manifest: str, cell_dir: Path, keep_checkpoints: bool =
 
     tokenizer = load_tokenizer(manifest)
     cfg = check_cell_config(cell, manifest, tokenizer.vocab_size, str(cell_dir / "train"))
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     dev = train(cfg)
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu0
 
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     ev = cell.eval
     paths = resolve_checkpoints(None, str(cell_dir / "train" / "checkpoints"), ev["average_last"])
     device = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) \
@@ -94,6 +95,10 @@ def run_cell(cell: Cell, manifest: str, cell_dir: Path, keep_checkpoints: bool =
         **cell.to_dict(), **scored, "task_names": task_names, "encoder_tasks": enc, "decoder_tasks": dec,
         "selection": model.head_selection_table() if cfg.selection.enabled else {},
         "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - start, 1),
+        # CPU seconds of this process: on a shared machine the wall times above include waiting for a core;
+        # with one thread per cell, CPU time is what the cell costs on an idle core.
+        "train_cpu_s": round(train_cpu_s, 1), "eval_cpu_s": round(time.process_time() - cpu0, 1),
+        "process_cpu_s": round(time.process_time(), 1),
         "dev": {k: v for k, v in dev.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         "checkpoints": [p.name for p in paths],
     }

@@ -70,8 +70,9 @@ def run_cells(cells: list[Cell], manifests: dict[str, Path], cells_dir: Path, wo
             return
         results[cell.key] = res
         log(f"[paper] {len(results)}/{len(unique)} {cell.experiment} {cell.variant} H'={cell.pool_heads} "
-            f"seed {cell.seed}: {res['metric'].upper()} {res['average']:.2f} (train {res['train_s']:.0f} s, eval "
-            f"{res['eval_s']:.0f} s; {time.perf_counter() - t0:.0f} s here, {time.perf_counter() - start:.0f} s in all)")
+            f"seed {cell.seed}: {res['metric'].upper()} {res['average']:.2f} (wall: train {res['train_s']:.0f} s, "
+            f"eval {res['eval_s']:.0f} s, cell {time.perf_counter() - t0:.0f} s; CPU: "
+            f"{res.get('process_cpu_s', float('nan')):.0f} s; {time.perf_counter() - start:.0f} s since start)")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(job, unique.values()))
