@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         task_key = "domain" if exp.overrides.get("data.task_key") == "domain" else "lang"
         src = plan.corpora[exp.corpus]
         results["experiments"][e] = {
-            "command": command, "wall_s": round(time.perf_counter() - start, 1), "corpus": exp.corpus,
+            "command": command, "date": results["date"], "wall_s": round(time.perf_counter() - start, 1),
+            "corpus": exp.corpus,
             "corpus_dir": str(manifests[exp.corpus]),
             "train_sizes": corpora.train_sizes(manifests[exp.corpus], task_key),
             "low_resource": sorted(src.subsample), "config": exp.config, "overrides": exp.overrides,

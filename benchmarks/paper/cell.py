@@ -83,8 +83,8 @@ def run_cell(cell: Cell, manifest: str, cell_dir: Path, keep_checkpoints: bool =
     start, cpu0 = time.perf_counter(), time.process_time()
     ev = cell.eval
     paths = resolve_checkpoints(None, str(cell_dir / "train" / "checkpoints"), ev["average_last"])
-    device = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) \
-        else "cpu"
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if cuda else "cpu"  # decode where the cell trained
     cfg, model, task_names = load_model(paths, device=device)
     batches, decode, metric = eval_inputs(cfg, ev["split"], ev["metric"])
     search = SearchConfig(beam=ev["beam"], max_len_a=ev["max_len_a"], max_len_b=ev["max_len_b"])

@@ -30,8 +30,8 @@ def _corpus_line(exp: dict) -> str:
 def _experiment_section(name: str, exp: dict, fig_dir: Path, md_dir: Path) -> list[str]:
     s = exp["summary"]
     arrow = "higher is better" if s["direction"] == "higher" else "lower is better"
-    lines = [f"## {TITLES[name]} (`{name}`)", "", f"Command: `{exp['command']}` ({exp['wall_s'] / 60:.1f} min wall).",
-             "", _corpus_line(exp), "",
+    run = f"Command: `{exp['command']}` ({exp['wall_s'] / 60:.1f} min wall, {exp.get('date', '?')})."
+    lines = [f"## {TITLES[name]} (`{name}`)", "", run, "", _corpus_line(exp), "",
              f"Run config `benchmarks/paper/configs/{exp['config']}` with overrides `{exp['overrides']}`; "
              f"evaluation on `{exp['eval']['split']}`, beam {exp['eval']['beam']}. "
              f"{s['metric'].upper()} ({arrow}), mean ± std over seeds; `avg` is the unweighted mean over tasks.", "",
