@@ -1,8 +1,10 @@
 """Run cells `workers` at a time, each in its own process (`python -m benchmarks.paper.cell`), and collect them.
 
 A separate process per cell keeps cells independent (torch's global state, thread pools, memory) and lets two run
-on two cores. A cell whose <cell_dir>/cell.json exists is not run again: an interrupted benchmark resumes where it
-stopped, and experiments with identical cells (asr and hsweep at H' = 2H) share them.
+on two cores. Cells live in <out>/cells/<corpus folder>/<cell key> (the key hashes the run config file, the
+overrides and the evaluation settings). A cell whose cell.json exists is not run again: an interrupted benchmark
+resumes where it stopped, and experiments with identical cells (asr and hsweep at H' = 2H) share them. Nothing
+hashes the code: after changing hs_scale itself, use a fresh --out.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def run_cells(cells: list[Cell], manifests: dict[str, Path], cells_dir: Path, wo
     def job(cell: Cell):
         t0 = time.perf_counter()
         try:
-            res = _run_one(cell, manifests[cell.corpus], cells_dir / cell.key, keep_checkpoints)
+            # The corpus folder's name carries the hash of its build settings: a rebuilt corpus gets new cells.
+            corpus = manifests[cell.corpus]
+            res = _run_one(cell, corpus, cells_dir / corpus.name / cell.key, keep_checkpoints)
         except CellFailed as err:
             errors.append(str(err))
             log(f"[paper] FAILED {err}")

@@ -116,3 +116,13 @@ def test_summary_mean_std_and_verdict():
     v = summarize_experiment(cells[:3] + noisy, {})["verdict"]
     assert v["gain"] > 0 and not v["group_beats_baseline"]
     assert math.isfinite(v["seed_std"])
+
+
+def test_direction_groups_average_their_directions():
+    scores = {"de->en": 20.0, "fr->en": 30.0, "en->de": 10.0, "en->fr": 12.0}
+    cells = [{**_cell(v, 1, scores), "metric": "bleu"} for v in ("shared", "group")]
+    s = summarize_experiment(cells, {"o2m": "en->*", "m2o": "*->en"})
+    row = s["rows"]["group"]
+    assert row["groups"]["o2m"]["mean"] == pytest.approx(11.0) and row["groups"]["m2o"]["mean"] == pytest.approx(25.0)
+    assert s["direction"] == "higher" and row["std"] is None
+    assert s["verdict"]["group_beats_baseline"] is None  # one seed: no claim
