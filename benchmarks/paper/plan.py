@@ -182,7 +182,7 @@ def _flat(overrides: dict) -> list[str]:
     return [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
 
 
-def variant_overrides(variant: str, active_heads: int, pool_heads: int) -> list[str]:
+def variant_overrides(variant: str, pool_heads: int) -> list[str]:
     """The config overrides that turn the experiment's run config into `variant` (module docstring)."""
     if variant == "shared":
         return ["--selection.enabled=false"]
@@ -214,7 +214,7 @@ def expand(plan: Plan, name: str) -> list[Cell]:
                 seeds = [f"--train.seed={seed}", f"--data.seed={seed}", f"--selection.seed={1000 + seed}"]
                 active = pool if variant == "allheads" else H
                 cells.append(Cell(name, variant, pool, active, seed, exp.corpus, exp.config,
-                                  tuple(base + seeds + variant_overrides(variant, H, pool)),
+                                  tuple(base + seeds + variant_overrides(variant, pool)),
                                   {**dataclasses.asdict(exp.eval), "metric": exp.metric}))
     return cells
 

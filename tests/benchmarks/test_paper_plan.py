@@ -40,7 +40,7 @@ def test_every_preset_expands_into_valid_cell_configs(preset):
 def test_cells_of_the_cpu_asr_experiment_and_the_sweep():
     plan = load_plan(CONFIG_DIR / "cpu.yaml")
     asr, sweep = expand(plan, "asr"), expand(plan, "hsweep")
-    H = asr[0].active_heads if asr[0].variant != "allheads" else None
+    H = next(c.active_heads for c in asr if c.variant == "shared")
     per_seed = sorted((c.variant, c.pool_heads) for c in asr if c.seed == 1)
     assert per_seed == [("allheads", 2 * H), ("group", 2 * H), ("shared", H), ("subset", 2 * H)]
     assert {c.seed for c in asr} == {1, 2, 3}
@@ -51,8 +51,8 @@ def test_cells_of_the_cpu_asr_experiment_and_the_sweep():
 
 
 def test_variant_overrides_and_unknown_fields_fail_loudly():
-    assert variant_overrides("allheads", 4, 8) == ["--selection.enabled=false", "--model.num_heads=8"]
-    assert "--selection.strategy=subset" in variant_overrides("subset", 4, 16)
+    assert variant_overrides("allheads", 8) == ["--selection.enabled=false", "--model.num_heads=8"]
+    assert "--selection.strategy=subset" in variant_overrides("subset", 16)
     plan = load_plan(CONFIG_DIR / "smoke.yaml")
     plan.experiments["asr"].overrides["model.d_modle"] = 64
     with pytest.raises(ConfigError, match="did you mean model.d_model"):
