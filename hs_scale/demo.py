@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hs-scale demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="where the corpus, runs and report go")
-    parser.add_argument("--size", type=int, help="training utterances in the corpus (recipe default: 7200)")
+    parser.add_argument("--size", type=int, help="training utterances in the corpus (recipe default: 4800)")
     parser.add_argument("--average-last", type=int, default=3, help="checkpoints averaged for evaluation")
     parser.add_argument("--beam", type=int, default=5, help="beam size for the test evaluation (1 = greedy)")
     args, extra = parser.parse_known_args(argv)
