@@ -144,7 +144,8 @@ def _report(out: Path, info: dict, evals: dict, timings: dict, steps: int, curve
         "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in timings.items()], "",
         "## Selected heads of the group model (task x layer -> pool heads)", "", "```",
         selection.read_text().rstrip() if selection.exists() else "(none)", "```", "",
-        f"Heatmap: {heatmaps[-1] if heatmaps else '(none)'}  ", f"Learning curves: {curves}", "",
+        *([f"![selected heads of the group model]({heatmaps[-1].relative_to(out)})", ""] if heatmaps else []),
+        "## Learning curves", "", f"![learning curves]({curves.relative_to(out)})", "",
         f"Runs: {out / 'group'}, {out / 'shared'} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)",
     ]
     path = out / "report.md"
