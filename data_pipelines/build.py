@@ -61,10 +61,11 @@ def _build_shard(job: dict) -> tuple[list[dict], dict | None]:
                     acc.add(feats)
         members = encode_sample(r["text"], r.get("translation", ""), meta, flac,
                                 feats if job["features"] else None)
-        checksum = writer.write(r["key"], members)
+        checksum, crc32 = writer.write(r["key"], members)
         rows.append({"key": r["key"], "shard": job["shard"], "split": r["split"], "lang": r["lang"],
                      "tgt_lang": r["tgt_lang"], "domain": r["domain"], "duration": duration, "frames": frames,
-                     "text": r["text"], "translation": r.get("translation", ""), "checksum": checksum})
+                     "text": r["text"], "translation": r.get("translation", ""), "checksum": checksum,
+                     "crc32": crc32})
     writer.close()
     return rows, (None if acc is None else {"n": acc.n, "s": acc.s, "ss": acc.ss})
 
