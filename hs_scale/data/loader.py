@@ -84,7 +84,10 @@ class _Dataset(torch.utils.data.IterableDataset):
         wanted: dict[str, set[str]] = {}
         for r in wanted_rows.tolist():
             wanted.setdefault(self.meta.shards[int(self.meta.shard_idx[r])], set()).add(self.meta.keys[r])
-        self._io = StreamReader(self.cfg.corpus_dir, wanted, self.cfg.io_retries, self.cfg.io_timeout)
+        # Only the members some sample needs are read (the others are skipped over in the stream).
+        exts = {TEXT, TRANSLATION} | ({FBANK if self.cfg.precomputed_features else AUDIO}
+                                      if self.cfg.modality == "speech" else set())
+        self._io = StreamReader(self.cfg.corpus_dir, wanted, self.cfg.io_retries, self.cfg.io_timeout, exts=exts)
         try:
             k = 0
             for group in groups:  # group: [(rows, is_padding)] of consecutive planned batches
