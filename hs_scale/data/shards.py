@@ -87,7 +87,7 @@ def _octal(field: bytes) -> int:
 
 def _skip(fh, n: int) -> None:
     """Advance n bytes: a forward seek on a local file (still sequential), read-and-discard on a stream."""
-    if isinstance(fh, io.BufferedReader):
+    if getattr(fh, "seekable", lambda: False)():  # webdataset's Pipe has no seekable()
         fh.seek(n, 1)
         return
     while n > 0:
@@ -251,9 +251,12 @@ class ShardStream:
                     continue
                 self.failure = SampleError(kind, "", self.shard, f"{msg}; gave up after {self.retries} retries")
                 self.eof = True
-                if pending is not None:  # what there is of the last sample (missing members fail later)
+                if pending is not None and kind == "truncated":
+                    # A tar that ends there: what there is of its last sample (missing members fail later).
+                    # After a transport failure the sample is not trusted: it fails with the stream.
                     self.count += 1
-                return pending
+                    return pending
+                return None
         raise AssertionError("unreachable")
 
     def _restart(self) -> None:

@@ -18,6 +18,7 @@ Openers (all return a binary file object that is read sequentially, never seeked
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
@@ -98,19 +99,47 @@ def open_url(url: str, timeout: float = 30.0):
             resp.close()
             raise OSError(f"{url}: HTTP {resp.status_code}")
         resp.raw.decode_content = True
-        return resp.raw
+        return _buffered(resp.raw)
     if url.startswith("s3://"):
         from botocore.exceptions import ClientError
 
         bucket, _, key = url[len("s3://"):].partition("/")
         try:
-            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            return _buffered(_s3_client().get_object(Bucket=bucket, Key=key)["Body"])
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NoSuchBucket"):
                 raise FileNotFoundError(f"{url}: {code}") from None
             raise OSError(f"{url}: {exc}") from None
     return open(local_path(url), "rb")
+
+
+class _Raw(io.RawIOBase):
+    """A file-like with read(n) (urllib3 / botocore response bodies) as a RawIOBase, so that io.BufferedReader can
+    serve the tar reader's many small reads (512-byte headers) from a 1 MiB buffer instead of one network-library
+    call each."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        # NOTE: at most 32 KiB per call: a read that fails loses what it had received, so small reads keep the
+        # samples that arrived before a dropped connection (the retry then skips them instead of re-reading).
+        data = self.body.read(min(len(b), 1 << 15))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.body.close()
+        super().close()
+
+
+def _buffered(body) -> io.BufferedReader:
+    return io.BufferedReader(_Raw(body), 1 << 20)
 
 
 def read_bytes(url: str, timeout: float = 30.0) -> bytes:

@@ -20,16 +20,15 @@ def digest(b) -> str:
     return h.hexdigest()
 
 
-def main() -> None:
+def make_loader(manifest: str):
     from hs_scale.data import DataConfig, build_loader, load_tokenizer
 
-    manifest, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    torch.set_num_threads(1)
     cfg = DataConfig(manifest=manifest, num_workers=2, max_frames_per_batch=3000, max_tokens_per_batch=400,
                      bucket_pool=64, shuffle_window=4, sampling_temperature=1.0, precomputed_features=True)
-    loader = build_loader(cfg, "train", 0, 1, load_tokenizer(manifest), train=True)
-    if len(sys.argv) > 4:
-        loader.load_state_dict(json.loads(sys.argv[4]))
+    return build_loader(cfg, "train", 0, 1, load_tokenizer(manifest), train=True)
+
+
+def run(loader, out: str, n: int) -> None:
     with open(out, "a") as fh:
         for b in loader:
             fh.write(json.dumps({"keys": b.keys, "digest": digest(b), "state": loader.state_dict()}) + "\n")
@@ -37,6 +36,15 @@ def main() -> None:
             os.fsync(fh.fileno())
             if loader.state_dict()["consumed"] >= n:
                 break
+
+
+def main() -> None:
+    manifest, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(1)
+    loader = make_loader(manifest)
+    if len(sys.argv) > 4:
+        loader.load_state_dict(json.loads(sys.argv[4]))
+    run(loader, out, n)
 
 
 if __name__ == "__main__":

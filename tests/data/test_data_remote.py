@@ -14,6 +14,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import stream_child
 import torch
 from servers import HTTPFileServer, MotoS3
 
@@ -73,9 +74,11 @@ def test_http_persistent_failure_is_counted_or_raised(tiny_corpus):
         t0 = time.time()
         batches, loader = dev_batches(srv.url, io_retries=2)
         assert time.time() - t0 < 20  # bounded retries, no hang
-        # The first half of the shard (2 samples) arrives every time; the other 2 are counted once each.
-        assert loader.error_counts["io_error"] == 2
-        assert sum(len(b) for b in batches if not b.is_padding) == 14
+        # The first half of the shard (122880 bytes) arrives every time; remote bodies are read 32 KiB at a time
+        # (hs_scale.data.urls), so 98304 bytes are usable: the first sample (ends at 64029). The other 3 are
+        # counted once each.
+        assert loader.error_counts["io_error"] == 3
+        assert sum(len(b) for b in batches if not b.is_padding) == 13
         assert srv.requests[bad] == 3  # first try + 2 retries, then the shard is given up
         srv.faults[bad] = ["404"] * 100
         with pytest.raises(RuntimeError, match=f"io_error: sample .* in shard {bad}.*404"):
@@ -102,7 +105,7 @@ def test_sigkill_mid_epoch_then_resume_from_http(tiny_corpus, tmp_path):
     n = 10
     with HTTPFileServer(tiny_corpus) as srv:
         full = tmp_path / "full.jsonl"
-        subprocess.run([sys.executable, child, srv.url, str(full), str(n)], env=env, check=True, timeout=120)
+        stream_child.run(stream_child.make_loader(srv.url), str(full), n)  # uninterrupted, in this process
         killed = tmp_path / "killed.jsonl"
         proc = subprocess.Popen([sys.executable, child, srv.url, str(killed), str(10 * n)], env=env,
                                 start_new_session=True)
