@@ -51,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int)
     p.add_argument("--features", action="store_true", default=None,
                    help="also store precomputed fp16 filterbanks in the shards")
-    p.add_argument("--text-source", choices=["installed", "debian", "libreoffice", "babel", "all"],
+    p.add_argument("--text-source", choices=["installed", "debian", "libreoffice", "help", "babel", "all"],
                    help="installed catalogs (default), a fixed Debian package list via apt-get download, "
-                   "LibreOffice packages, or Babel/CLDR (pip only)")
+                   "LibreOffice packages, LibreOffice help pages (the long-form `docs` domain), or Babel/CLDR "
+                   "(pip only)")
     p.add_argument("--domain-from", choices=["text", "condition"],
                    help="domain label: text domain (default) or acoustic condition")
     p.add_argument("--conditions", help="comma-separated acoustic conditions: clean,noisy,fast")

@@ -57,7 +57,7 @@ RECIPES = {
 
 
 def _take(pairs: list[ts.Pair], split: str, n: int, exclude_en: set[str]) -> list[ts.Pair]:
-    out = [p for p in pairs if p.en not in exclude_en and ts.split_of(p.en) == split]
+    out = [p for p in pairs if p.en not in exclude_en and ts.split_of_pair(p) == split]
     return out[:n]
 
 
