@@ -8,6 +8,7 @@ of the English side, and hands the rows to build.build_from_rows (speech synthes
     st8      speech    same sentences as asr8       English           test = LibreOffice multi-way set
     domains  speech    de fr es ru                  transcript        office, ui, cli (4 x 3 tasks)
     mt       text      X <-> en for the 8           the other side    from the catalog
+    docs_mt  text      X <-> en, the 8 but ar       the other side    docs (LibreOffice help pages, by page)
     demo     speech    de fr es                     transcript + en   clean/noisy/fast conditions, features
 """
 
@@ -50,6 +51,9 @@ RECIPES = {
     "domains": Recipe(("de", "fr", "es", "ru"), size=3600, domains=("office", "ui", "cli")),
     "mt": Recipe(LANGS8, modality="text", target="both_directions", size=40000, dev_size=1600, test_size=1600,
                  vocab_size=8000, shard_size=2000),
+    # Long-form MT on LibreOffice help pages (docs domain, split by page); Debian 12 has no Arabic help package.
+    "docs_mt": Recipe(LANGS8[:-1], modality="text", target="both_directions", size=28000, dev_size=1400,
+                      test_size=1400, domains=("docs",), text_source="help", vocab_size=8000, shard_size=2000),
     "demo": Recipe(("de", "fr", "es"), target="english", size=600, dev_size=60, test_size=60,
                    conditions=("clean", "noisy", "fast"), domain_from="condition", features=True, vocab_size=1000,
                    shard_size=50),
