@@ -171,6 +171,7 @@ def test_hf_saved_dataset(source, tmp_path):
     check_equal(imported(out), source, translation=True)
 
 
+@pytest.mark.slow
 def test_parallel_text_then_train_through_cli(source, tmp_path):
     src = tmp_path / "mt"
     src.mkdir()

@@ -85,7 +85,9 @@ def test_http_persistent_failure_is_counted_or_raised(tiny_corpus):
             dev_batches(srv.url, io_retries=1, on_error="raise")
 
 
+@pytest.mark.slow
 def test_s3_and_pipe_equal_local(tiny_corpus):
+    pytest.importorskip("moto.server", reason="moto[server] (the dev extra) provides the loopback S3 server")
     local, _ = train_batches(tiny_corpus, 4)
     with MotoS3() as s3:
         url = s3.upload(tiny_corpus, "corpora", "tiny")
@@ -97,6 +99,7 @@ def test_s3_and_pipe_equal_local(tiny_corpus):
     assert_same(piped, local)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_from_http(tiny_corpus, tmp_path):
     """A child streams from HTTP with 2 workers and is SIGKILLed (with its workers) mid-epoch; a second child
     resumes from the last state it wrote. Together they must equal an uninterrupted run, batch for batch."""
