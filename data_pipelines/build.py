@@ -33,23 +33,37 @@ def _seed(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
-def _build_shard(job: dict) -> tuple[list[dict], dict | None]:
-    """Worker: synthesize + write one shard. Returns (manifest rows, CMVN sums or None)."""
+def _build_shard(job: dict) -> tuple[list[dict], dict | None, dict]:
+    """Worker: synthesize (or, for imported rows, read) + write one shard.
+    Returns (manifest rows, CMVN sums or None, {error kind: rows skipped})."""
     from hs_scale.data.features import CMVNAccumulator, fbank, num_frames
 
     writer = TarWriter(os.path.join(job["out"], job["shard"]))
     acc = CMVNAccumulator() if job["split"] == "train" and job["modality"] == "speech" else None
-    rows = []
+    rows, skipped = [], {}
+    policy = job.get("audio_policy") or {}
     for r in job["rows"]:
         meta = {k: r[k] for k in ("key", "split", "lang", "tgt_lang", "domain")}
+        meta.update({k: r[k] for k in ("source_id", "speaker") if r.get(k)})
         flac = feats = None
         duration, frames = 0.0, 0
         if job["modality"] == "speech":
-            from data_pipelines.speech import synthesize_utterance
+            if r.get("audio") is not None:
+                try:
+                    wav = _imported_audio(r, policy)
+                except ValueError as exc:
+                    kind = "too_long" if str(exc).startswith("too_long") else "bad_audio"
+                    if policy.get("on_error") == "raise":
+                        raise ValueError(f"{kind}: row {r.get('source_id')} ({r['split']}): {exc}") from None
+                    log.warning("skipping row %s: %s", r.get("source_id"), exc)
+                    skipped[kind] = skipped.get(kind, 0) + 1
+                    continue
+            else:
+                from data_pipelines.speech import synthesize_utterance
 
-            rng = np.random.default_rng(_seed(r["key"], job["seed"]))
-            wav, voice = synthesize_utterance(r["text"], r["lang"], rng, r.get("condition", "clean"))
-            meta.update(voice)
+                rng = np.random.default_rng(_seed(r["key"], job["seed"]))
+                wav, voice = synthesize_utterance(r["text"], r["lang"], rng, r.get("condition", "clean"))
+                meta.update(voice)
             flac = encode_flac(wav)
             wav16 = wav if not job["features"] and acc is None else _pcm16(wav)
             duration, frames = len(wav) / 16000.0, num_frames(len(wav))
@@ -61,16 +75,34 @@ def _build_shard(job: dict) -> tuple[list[dict], dict | None]:
                     acc.add(feats)
         members = encode_sample(r["text"], r.get("translation", ""), meta, flac,
                                 feats if job["features"] else None)
-        checksum = writer.write(r["key"], members)
+        checksum, crc32 = writer.write(r["key"], members)
         rows.append({"key": r["key"], "shard": job["shard"], "split": r["split"], "lang": r["lang"],
                      "tgt_lang": r["tgt_lang"], "domain": r["domain"], "duration": duration, "frames": frames,
-                     "text": r["text"], "translation": r.get("translation", ""), "checksum": checksum})
+                     "text": r["text"], "translation": r.get("translation", ""), "checksum": checksum,
+                     "crc32": crc32})
     writer.close()
-    return rows, (None if acc is None else {"n": acc.n, "s": acc.s, "ss": acc.ss})
+    return rows, (None if acc is None else {"n": acc.n, "s": acc.s, "ss": acc.ss}), skipped
 
 
-def _build_shards(jobs: list[dict]) -> list[tuple[list[dict], dict | None]]:
+def _build_shards(jobs: list[dict]) -> list[tuple[list[dict], dict | None, dict]]:
     return [_build_shard(j) for j in jobs]
+
+
+def _imported_audio(r: dict, policy: dict) -> np.ndarray:
+    """An imported row's audio at 16 kHz, quantized to 16 bits (what the FLAC will hold)."""
+    from data_pipelines.importers import load_audio
+
+    wav = load_audio(r["audio"])
+    if len(wav) / 16000.0 > policy.get("max_seconds", float("inf")):
+        raise ValueError(f"too_long: {len(wav) / 16000.0:.1f} s > max {policy['max_seconds']} s")
+    return _pcm16(wav)
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar over utterances (rate and ETA) on stderr; a build of a large corpus takes minutes."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="utt", mininterval=1.0, dynamic_ncols=True)
 
 
 def _pcm16(wav: np.ndarray) -> np.ndarray:
@@ -80,8 +112,14 @@ def _pcm16(wav: np.ndarray) -> np.ndarray:
 def build_from_rows(
     rows: list[dict], out: str, modality: str = "speech", features: bool = False, shard_size: int = 200,
     workers: int = 1, seed: int = 0, vocab_size: int = 4000, info: dict | None = None, check: bool = True,
+    audio_policy: dict | None = None, skipped: dict | None = None,
 ) -> dict:
     """Write a corpus dir from rows {split, lang, tgt_lang, domain, text, translation[, condition]}.
+
+    Imported rows (data_pipelines.importers) also carry `audio` (read instead of synthesized; `audio_policy`
+    {max_seconds, on_error} decides about unreadable / over-long ones), `source_id` and `speaker` (kept in the
+    sample's .json). `skipped`: counts of rows the caller already dropped, reported with the builder's own in
+    info["import_errors"].
 
     Keys are assigned here: ``<lang>-<tgt_lang>-<domain>-<split>-<NNNNNN>`` (row order within a group).
     Returns the info dict (also written to info.json).
@@ -104,7 +142,7 @@ def build_from_rows(
         for n, start in enumerate(range(0, len(grp), shard_size)):
             jobs.append({"out": out, "shard": f"shards/{split}/{lang}-{tgt}-{dom}-{n:04d}.tar", "split": split,
                          "rows": grp[start : start + shard_size], "modality": modality, "features": features,
-                         "seed": seed})
+                         "seed": seed, "audio_policy": audio_policy})
     if modality == "speech":
         # NOTE: libespeak-ng's output depends on the process's synthesis history (static state that neither
         # espeak_Terminate nor espeak_ng_SetRandSeed resets). Fresh processes for fixed runs of shards make every
@@ -119,13 +157,23 @@ def build_from_rows(
         # A task is a fixed run of _SHARDS_PER_PROCESS shards (independent of the worker count), so a shard's
         # synthesis history is fixed too; one shard per process would add ~0.5 s of process churn per shard.
         tasks = [jobs[i : i + _SHARDS_PER_PROCESS] for i in range(0, len(jobs), _SHARDS_PER_PROCESS)]
-        with ctx.Pool(max(1, workers), maxtasksperchild=1) as pool:
-            results = [r for rs in pool.map(_build_shards, tasks, chunksize=1) for r in rs]
+        with ctx.Pool(max(1, workers), maxtasksperchild=1) as pool, _progress(len(rows), "synthesizing") as bar:
+            results = []
+            for rs in pool.imap(_build_shards, tasks, chunksize=1):  # in order: the results are deterministic
+                results += rs
+                bar.update(sum(len(r[0]) for r in rs))
     else:
-        results = [_build_shard(j) for j in jobs]
+        with _progress(len(rows), "writing shards") as bar:
+            results = []
+            for j in jobs:
+                results.append(_build_shard(j))
+                bar.update(len(j["rows"]))
     manifest, acc = [], CMVNAccumulator()
-    for rws, sums in results:
+    errors = dict(skipped or {})
+    for rws, sums, skip in results:
         manifest += rws
+        for k, v in skip.items():
+            errors[k] = errors.get(k, 0) + v
         if sums:
             acc.n, acc.s, acc.ss = acc.n + sums["n"], acc.s + sums["s"], acc.ss + sums["ss"]
     write_manifest(manifest, os.path.join(out, "manifest.parquet"))
@@ -147,6 +195,8 @@ def build_from_rows(
         "bytes": sum(os.path.getsize(os.path.join(out, j["shard"])) for j in jobs),
         "build_seconds": round(time.time() - t0, 1), "seed": seed,
     })
+    if audio_policy is not None or skipped is not None:
+        info["import_errors"] = errors
     if check:
         problems = verify(out)
         info["verify_problems"] = len(problems)

@@ -7,6 +7,8 @@ Sources (see docs/data.md):
 - ``babel``: CLDR display names from the Babel wheel, the pip-only fallback (short phrases, domain ``cldr``).
 - LibreOffice ``libreoffice-l10n-XX`` packages (always via ``apt-get download``): the ``office`` domain and the
   multi-way test set (English strings translated into every requested language).
+- ``help``: LibreOffice help pages (``libreoffice-help-XX``, via ``apt-get download``), long-form text aligned by
+  paragraph id: the ``docs`` domain (data_pipelines.libreoffice_help), split by page.
 
 Every pair is (english, foreign, domain, catalog). Cleaning follows data.md: 3-16 words on both sides; no
 placeholders, paths, code-like tokens or digits.
@@ -87,6 +89,11 @@ def clean_pair(en: str, xx: str, min_words: int = 3) -> tuple[str, str] | None:
     if en_c is None or xx_c is None or en_c == xx_c:
         return None
     return en_c, xx_c
+
+
+def split_of_pair(p: Pair) -> str:
+    """The split of a pair: by its page for the ``docs`` domain (no page crosses splits), else by its English."""
+    return split_of(p.catalog if p.domain == "docs" else p.en)
 
 
 def split_of(en: str, dev_frac: float = 0.05, test_frac: float = 0.05) -> str:
@@ -215,7 +222,7 @@ def dedupe(pairs: list[Pair]) -> list[Pair]:
 
 
 def collect(lang: str, source: str, cache_dir: str, domains: tuple[str, ...] | None = None) -> tuple[list[Pair], list]:
-    """All cleaned, deduplicated pairs for one language from `source` (installed|debian|libreoffice|babel|all)."""
+    """All cleaned, deduplicated pairs for one language from `source` (installed|debian|libreoffice|help|babel|all)."""
     pairs: list[Pair] = []
     debs: list[str] = []
     if source in ("installed", "all"):
@@ -227,6 +234,11 @@ def collect(lang: str, source: str, cache_dir: str, domains: tuple[str, ...] | N
         pairs += babel_pairs(lang)
     if source in ("libreoffice", "all") or (domains and "office" in domains):
         p, d = libreoffice_pairs(lang, cache_dir)
+        pairs, debs = pairs + p, debs + d
+    if source == "help" or (domains and "docs" in domains):
+        from data_pipelines.libreoffice_help import help_pairs
+
+        p, d = help_pairs(lang, cache_dir)
         pairs, debs = pairs + p, debs + d
     if domains:
         pairs = [p for p in pairs if p.domain in domains]

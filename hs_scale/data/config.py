@@ -9,15 +9,18 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from hs_scale.data import urls
 from hs_scale.tasks import TASK_KEY_TYPES
 
-ERROR_KINDS = ("truncated", "bad_audio", "bad_text", "empty_text", "too_long", "unknown_task", "nan_features")
+ERROR_KINDS = ("truncated", "bad_audio", "bad_text", "empty_text", "too_long", "unknown_task", "nan_features",
+               "checksum", "io_error")
 
 
 @dataclass
 class DataConfig:
     manifest: str = ""
-    """Path to the corpus's manifest.parquet, or the corpus dir that holds it (shard paths are relative to it)."""
+    """The corpus: its manifest.parquet or the location that holds it (shard paths are relative to it). A local
+    path, file://, http(s)://, s3:// or a pipe: command with '{}' for the relative path (hs_scale.data.urls)."""
     task_key: str = "lang"
     """How samples map to tasks (hs_scale.tasks): "lang", "domain" or "lang+domain". Encoder task from the
     source side, decoder task from the target side."""
@@ -76,8 +79,17 @@ class DataConfig:
     decoder_start: str = "lang_tag"
     """First decoder input token: "lang_tag" (<tgt_lang>) or "bos"."""
     on_error: str = "skip"
-    """Bad samples (truncated member, undecodable audio, empty/over-long text, unknown task, NaN features):
+    """Bad samples (truncated member, undecodable audio, empty/over-long text, unknown task, NaN features, a
+    member that fails its manifest checksum, a shard that cannot be streamed after `io_retries`):
     "skip" counts and logs them with their key and goes on; "raise" stops, naming shard and key."""
+    on_missing_task: str = "raise"
+    """Train split only, when every shard of one task (stream) is missing: "raise" refuses to start, naming the
+    task; "warn" logs an error, drops that task from sampling and reports it in the loader's stats."""
+    io_retries: int = 3
+    """A shard stream that fails (dropped connection, HTTP error, truncated body) is re-opened and skipped to
+    where it stopped this many times before its remaining samples count as bad ("io_error"/"truncated")."""
+    io_timeout: float = 30.0
+    """Seconds before a remote connect or read gives up (then it is retried)."""
     seed: int = 0
     """Seeds sampling, shuffling and SpecAugment; with the dp rank it fixes the batch sequence exactly."""
 
@@ -89,6 +101,7 @@ class DataConfig:
         choices = {"task_key": TASK_KEY_TYPES, "modality": ("speech", "text"), "target": ("auto", "transcript",
                    "translation"), "batch_mode": ("mixed", "homogeneous"), "cmvn": ("global", "utterance", "none"),
                    "decoder_start": ("lang_tag", "bos"), "on_error": ("skip", "raise"),
+                   "on_missing_task": ("raise", "warn"),
                    "worker_start_method": ("", "fork", "spawn", "forkserver")}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}: use one of {list(allowed)}")
@@ -98,6 +111,8 @@ class DataConfig:
         for name in ("max_frames_per_batch", "max_tokens_per_batch", "max_batch_size", "max_source_frames",
                      "max_source_tokens", "max_target_tokens", "bucket_pool", "prefetch_factor"):
             need(int(getattr(self, name)) > 0, f"{name}={getattr(self, name)}: must be > 0")
+        need(self.io_retries >= 0, f"io_retries={self.io_retries}: must be >= 0")
+        need(self.io_timeout > 0, f"io_timeout={self.io_timeout}: must be > 0 seconds")
         need(self.shuffle_window >= 0, f"shuffle_window={self.shuffle_window}: must be >= 0 (0 = no shuffle)")
         need(self.num_workers >= 0, f"num_workers={self.num_workers}: must be >= 0 (0 = main process)")
         need(self.sampling_temperature > 0, f"sampling_temperature={self.sampling_temperature}: must be > 0 "
@@ -116,11 +131,20 @@ class DataConfig:
 
     @property
     def corpus_dir(self) -> str:
-        return self.manifest if os.path.isdir(self.manifest) else os.path.dirname(os.path.abspath(self.manifest))
+        """The corpus location (a directory path or a URL, see hs_scale.data.urls)."""
+        if self._names_manifest_file():
+            return urls.parent(self.manifest)
+        return self.manifest
 
     @property
     def manifest_path(self) -> str:
-        return os.path.join(self.manifest, "manifest.parquet") if os.path.isdir(self.manifest) else self.manifest
+        return self.manifest if self._names_manifest_file() else urls.join(self.manifest, "manifest.parquet")
+
+    def _names_manifest_file(self) -> bool:
+        path = urls.local_path(self.manifest)
+        if path is not None and not self.manifest.startswith("file://"):
+            return not os.path.isdir(path) and path.endswith(".parquet")
+        return not self.manifest.startswith("pipe:") and self.manifest.rstrip("/").endswith(".parquet")
 
     def replace(self, **kw) -> DataConfig:
         return dataclasses.replace(self, **kw)

@@ -7,7 +7,6 @@ Shapes: wav float32 [N] at 16 kHz in [-1, 1]; features float32 [T, 80] with T = 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
@@ -110,12 +109,16 @@ class CMVN:
 
     @classmethod
     def from_corpus(cls, corpus_dir: str, mode: str) -> CMVN:
-        path = os.path.join(corpus_dir, "cmvn.json")
+        """corpus_dir: a corpus location (path or URL, hs_scale.data.urls) holding cmvn.json."""
+        from hs_scale.data import urls
+
+        path = urls.join(corpus_dir, "cmvn.json")
         if mode == "global":
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} missing: CMVN 'global' needs the builder's stats; set cmvn: utterance")
-            with open(path) as fh:
-                s = json.load(fh)
+            try:
+                s = json.loads(urls.read_bytes(path))
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{path} missing: CMVN 'global' needs the builder's stats; set cmvn: utterance") from None
             return cls("global", np.array(s["mean"]), np.array(s["std"]))
         return cls(mode)
 

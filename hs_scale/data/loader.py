@@ -1,4 +1,5 @@
-"""The streaming loader: plans (plan.py) -> shard reads -> decoded, augmented, collated Batches.
+"""The streaming loader: plans (plan.py) -> sequential shard streams (shards.py) -> decoded, augmented, collated
+Batches.
 
 Distributed contract: dp_rank/dp_size are explicit arguments and the DataLoader worker id comes from
 `torch.utils.data.get_worker_info()`; nothing is read from RANK/WORLD_SIZE (under spawn, Ray or torchrun those
@@ -9,10 +10,17 @@ Uneven data: the train loader never ends (streams cycle, see plan.py), so no ran
 trainer decides the step count. The eval loader ends after the same number of batches on every rank (padding
 batches flagged `is_padding`).
 
+Streaming: a reader plans a pool of batches (train) or a group of consecutive batches (eval), reads the rows they
+need from its shard streams in shard order (each shard front to back, see shards.py), then decodes batch by batch.
+
 Exact resume: logical reader w produces planned batches 0, 1, 2, ...; the DataLoader hands them out round-robin,
-so the loader's n-th batch is reader n % W's batch n // W. The state is n (plus error counts); on resume physical
-worker j plays reader (n + j) % W from planned batch (n + j) // W, fast-forwarding the plan without decoding.
-A planned batch whose samples are all bad still yields an (empty) marker so this count stays exact.
+so the loader's n-th batch is reader n % W's batch n // W. The state is n (plus the bad samples seen); on resume
+physical worker j plays reader (n + j) % W from planned batch (n + j) // W, fast-forwarding the plan without
+reading anything, then re-opens the shards it needs and skips the consumed members sequentially. This position
+(shard + members passed) is each reader's stream cursor: a pure function of n and the plan, so it needs no state of
+its own. A planned batch whose samples are all bad still yields an (empty) marker so this count stays exact.
+
+Error counts are unique bad samples per kind (a sample met again in a later epoch is not counted again).
 """
 
 from __future__ import annotations
@@ -25,17 +33,19 @@ import torch
 
 from hs_scale import tasks as T
 from hs_scale.data import features as F
+from hs_scale.data import urls
 from hs_scale.data.batch import Batch, collate, empty_batch
 from hs_scale.data.config import ERROR_KINDS, DataConfig
 from hs_scale.data.manifest import infer_tasks, load_meta
-from hs_scale.data.plan import Meta, eval_plan, train_plan
+from hs_scale.data.plan import Meta, eval_plan, reader_rows, train_pools
 from hs_scale.data.shards import (
     AUDIO,
     FBANK,
     TEXT,
     TRANSLATION,
     SampleError,
-    ShardReader,
+    StreamReader,
+    check_crcs,
     decode_audio,
     decode_fbank,
     decode_text,
@@ -62,27 +72,82 @@ class _Dataset(torch.utils.data.IterableDataset):
         reader = (self.start + j) % self.W
         self._reader = self.dp_rank * self.W + reader
         first = (self.start + j) // self.W
-        self._io = ShardReader(self.cfg.corpus_dir)
         self._ok, self._bad_shards, self._first_err = 0, set(), None
+        if self.train:
+            units = reader_rows(self.meta, self._reader, self.dp_size * self.W)
+            groups = self._train_groups(reader)
+            wanted_rows = np.concatenate([u for us in units.values() for u in us]) if units else np.zeros(0, int)
+        else:
+            mine = eval_plan(self.meta, self.cfg, self.dp_rank, self.dp_size)[reader :: self.W]
+            groups = self._eval_groups(mine)
+            wanted_rows = np.concatenate([b for b, _ in mine]) if mine else np.zeros(0, int)
+        wanted: dict[str, set[str]] = {}
+        for r in wanted_rows.tolist():
+            wanted.setdefault(self.meta.shards[int(self.meta.shard_idx[r])], set()).add(self.meta.keys[r])
+        # Only the members some sample needs are read (the others are skipped over in the stream).
+        exts = {TEXT, TRANSLATION} | ({FBANK if self.cfg.precomputed_features else AUDIO}
+                                      if self.cfg.modality == "speech" else set())
+        self._io = StreamReader(self.cfg.corpus_dir, wanted, self.cfg.io_retries, self.cfg.io_timeout, exts=exts)
         try:
-            if self.train:
-                plan = train_plan(self.meta, self.cfg, self.dp_rank * self.W + reader, self.dp_size * self.W)
-                for k, rows in enumerate(plan):
-                    if k >= first:
-                        yield self._make(rows, reader, k, False)
-            else:
-                mine = eval_plan(self.meta, self.cfg, self.dp_rank, self.dp_size)[reader :: self.W]
-                for k, (rows, pad) in enumerate(mine):
-                    if k >= first:
-                        yield self._make(rows, reader, k, pad)
+            k = 0
+            for group in groups:  # group: [(rows, is_padding)] of consecutive planned batches
+                todo = [(k + i, rows, pad) for i, (rows, pad) in enumerate(group) if k + i >= first]
+                k += len(group)
+                if not todo:  # fast-forward on resume: plan only, nothing read
+                    continue
+                raw = self._fetch(np.concatenate([rows for _, rows, _ in todo]))
+                for kk, rows, pad in todo:
+                    yield self._make(rows, reader, kk, pad, raw)
         finally:
             self._io.close()
 
-    def _make(self, rows: np.ndarray, reader: int, k: int, pad: bool) -> Batch:
+    def _train_groups(self, reader: int):
+        for pool in train_pools(self.meta, self.cfg, self._reader, self.dp_size * self.W):
+            yield [(b, False) for b in pool]
+
+    def _eval_groups(self, mine: list):
+        """Consecutive eval batches in groups of about `bucket_pool` rows (each group is one pass over its
+        shards, so raw bytes of at most one group are held)."""
+        group, n = [], 0
+        for rows, pad in mine:
+            group.append((rows, pad))
+            n += len(rows)
+            if n >= self.cfg.bucket_pool:
+                yield group
+                group, n = [], 0
+        if group:
+            yield group
+
+    def _exts(self, r: int) -> tuple[str, ...]:
+        """The members sample row r needs."""
+        speech = self.cfg.modality == "speech"
+        tgt_ext = TRANSLATION if self.meta.use_translation[r] else TEXT
+        exts = (tgt_ext,) if speech else tuple(dict.fromkeys((TEXT, tgt_ext)))
+        if speech:
+            exts += (FBANK,) if self.cfg.precomputed_features else (AUDIO,)
+        return exts
+
+    def _fetch(self, rows: np.ndarray) -> dict[int, dict[str, bytes] | SampleError]:
+        """Raw members of `rows`, read in shard order (each shard front to back), checked against the manifest's
+        CRC-32; members a sample does not need are dropped here to bound memory. Failures are kept per row."""
+        m = self.meta
+        out: dict[int, dict[str, bytes] | SampleError] = {}
+        for r in np.unique(rows).tolist():  # row ids are sorted by (shard, position in shard)
+            key, shard = m.keys[r], m.shards[int(m.shard_idx[r])]
+            try:
+                members = self._io.get(shard, key)
+                keep = {e: members[e] for e in self._exts(r) if e in members}
+                check_crcs(keep, m.crc[r] if m.crc else "", key, shard)
+                out[r] = keep
+            except SampleError as exc:
+                out[r] = exc
+        return out
+
+    def _make(self, rows: np.ndarray, reader: int, k: int, pad: bool, raw: dict) -> Batch:
         samples, errors = [], []
         for pos, r in enumerate(rows.tolist()):
             try:
-                samples.append(self._sample(r, reader, k, pos))
+                samples.append(self._sample(r, reader, k, pos, raw[r]))
                 self._ok += 1
             except SampleError as exc:
                 if self.cfg.on_error == "raise":
@@ -100,27 +165,27 @@ class _Dataset(torch.utils.data.IterableDataset):
     def _check_all_bad(self) -> None:
         if self._ok:
             return
-        mine = {self.meta.shards[i] for i in np.unique(self.meta.shard_idx)} if not self.train else None
         if self.train:
-            from hs_scale.data.plan import reader_rows
-
             units = reader_rows(self.meta, self._reader, self.dp_size * self.W)
             mine = {self.meta.shards[int(self.meta.shard_idx[u[0]])] for us in units.values() for u in us}
+        else:
+            mine = {self.meta.shards[i] for i in np.unique(self.meta.shard_idx)}
         if mine and mine <= self._bad_shards:
             raise RuntimeError(
                 f"all {len(mine)} shards this reader owns are bad (no sample could be read); first error: "
                 f"{self._first_err}. Check the corpus with `hs-scale prepare-data --verify --out <corpus>`"
             )
 
-    def _sample(self, r: int, reader: int, k: int, pos: int) -> dict:
+    def _sample(self, r: int, reader: int, k: int, pos: int, data: dict[str, bytes] | SampleError) -> dict:
         m, cfg = self.meta, self.cfg
         key, shard = m.keys[r], m.shards[int(m.shard_idx[r])]
+        if isinstance(data, SampleError):
+            raise data
         speech = cfg.modality == "speech"
         tgt_ext = TRANSLATION if m.use_translation[r] else TEXT
-        exts = (tgt_ext,) if speech else tuple(dict.fromkeys((TEXT, tgt_ext)))
-        if speech:
-            exts += (FBANK,) if cfg.precomputed_features else (AUDIO,)
-        data = self._io.read(shard, key, exts)
+        for ext in self._exts(r):
+            if ext not in data and ext != TRANSLATION:
+                raise SampleError("truncated", key, shard, f"member .{ext} missing")
         s = {"key": key, "tgt_lang": m.tgt_lang[r], "src_task": int(m.src_task[r]), "tgt_task": int(m.tgt_task[r])}
         tgt_text = decode_text(data.get(tgt_ext), key, shard)
         if not tgt_text:
@@ -159,8 +224,9 @@ class _Dataset(torch.utils.data.IterableDataset):
 class StreamLoader:
     """Iterable of Batch for one data-parallel rank. See the module docstring for the contract.
 
-    Attributes: `tasks` (TaskVocab), `error_counts` (Counter kind -> n), `error_keys` (last 100 (kind, key,
-    shard)), `stats()`. `state_dict()` / `load_state_dict()` hold plain ints/strs/dicts only.
+    Attributes: `tasks` (TaskVocab), `error_counts` (Counter kind -> unique bad samples), `error_keys` (last 100
+    (kind, key, shard)), `missing_tasks` (streams dropped because all their shards are missing), `stats()`.
+    `state_dict()` / `load_state_dict()` hold plain ints/strs/dicts only.
     """
 
     def __init__(self, cfg: DataConfig, split: str, dp_rank: int, dp_size: int, tokenizer, train: bool):
@@ -171,6 +237,8 @@ class StreamLoader:
         self.tasks = T.TaskVocab(list(cfg.tasks) or infer_tasks(cfg))
         self.error_counts: Counter = Counter({k: 0 for k in ERROR_KINDS})
         self.error_keys: list[tuple[str, str, str]] = []
+        self._bad: set[tuple[str, str]] = set()
+        self.missing_tasks: list[str] = []
         self._consumed = 0
         self._samples = 0
         self._padding = 0
@@ -180,6 +248,8 @@ class StreamLoader:
             raise RuntimeError(
                 f"split {split!r} of {cfg.manifest_path}: every row was dropped ({dict(self.error_counts)})")
         self._check_shards_exist()
+        if len(self.meta) == 0:
+            raise RuntimeError(f"split {split!r} of {cfg.manifest_path}: no task has any shard left")
         self.cmvn = F.CMVN.from_corpus(cfg.corpus_dir, cfg.cmvn) if cfg.modality == "speech" else None
         self._plan_len = len(eval_plan(self.meta, cfg, dp_rank, dp_size)) if not train else None
 
@@ -187,20 +257,45 @@ class StreamLoader:
     def _on_bad(self, kind: str, key: str, shard: str, msg: str) -> None:
         if self.cfg.on_error == "raise":
             raise RuntimeError(f"bad sample (on_error=raise): {kind}: sample {key!r} in shard {shard}: {msg}")
+        if (kind, key) in self._bad:  # met again (a later epoch, a re-read): counted once
+            return
+        self._bad.add((kind, key))
         self.error_counts[kind] += 1
         self.error_keys = (self.error_keys + [(kind, key, shard)])[-100:]
         level = logging.WARNING if self.error_counts[kind] <= 20 else logging.DEBUG  # no log floods
         log.log(level, "skipping bad sample: %s: %s in %s: %s", kind, key, shard, msg)
 
     def _check_shards_exist(self) -> None:
-        import os
+        """Refuse a split none of whose shards exist, and (train) a task all of whose shards are missing."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        missing = [s for s in self.meta.shards if not os.path.exists(os.path.join(self.cfg.corpus_dir, s))]
+        corpus = self.cfg.corpus_dir
+        # Remote: one HEAD per shard, 16 at a time (metadata only; the shards are streamed later).
+        with ThreadPoolExecutor(16 if urls.is_remote(corpus) else 1) as pool:
+            found = list(pool.map(lambda s: urls.exists(urls.join(corpus, s), self.cfg.io_timeout), self.meta.shards))
+        missing = {s for s, ok in zip(self.meta.shards, found, strict=True) if not ok}
         if missing and len(missing) == len(self.meta.shards):
             raise FileNotFoundError(f"none of the {len(missing)} shards of split {self.split!r} exist under "
-                                    f"{self.cfg.corpus_dir} (e.g. {missing[0]}); is `manifest` the right corpus?")
-        for s in missing:
-            log.warning("shard %s is missing: its samples will count as 'truncated'", s)
+                                    f"{corpus} (e.g. {sorted(missing)[0]}); is `manifest` the right corpus?")
+        for s in sorted(missing):
+            log.warning("shard %s is missing: its samples will count as 'io_error'", s)
+        if not missing or not self.train:
+            return
+        m = self.meta
+        gone = [i for i, name in enumerate(m.stream_names)
+                if all(m.shards[sh] in missing for sh in np.unique(m.shard_idx[m.stream == i]).tolist())]
+        if not gone:
+            return
+        names = [m.stream_names[i] for i in gone]
+        msg = (f"every training shard of task(s) {names} is missing under {corpus} (e.g. "
+               f"{m.shards[int(m.shard_idx[np.flatnonzero(m.stream == gone[0])[0]])]})")
+        if self.cfg.on_missing_task == "raise":
+            raise FileNotFoundError(f"{msg}: restore the shards, or set data.on_missing_task=warn to train "
+                                    "without these tasks")
+        log.error("%s: TRAINING WITHOUT THEM (data.on_missing_task=warn); they are reported in the run's result",
+                  msg)
+        self.missing_tasks = names
+        self.meta = m.subset(~np.isin(m.stream, gone))
 
     # ---- iteration ----------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -276,7 +371,8 @@ class StreamLoader:
         return {"version": _STATE_VERSION, "split": self.split, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "num_workers": self.cfg.num_workers, "seed": self.cfg.seed, "batch_mode": self.cfg.batch_mode,
                 "num_rows": len(self.meta), "consumed": self._consumed, "samples": self._samples,
-                "error_counts": dict(self.error_counts), "task_samples": dict(self._task_samples)}
+                "error_counts": dict(self.error_counts), "bad_samples": sorted([k, key] for k, key in self._bad),
+                "task_samples": dict(self._task_samples)}
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("split", "dp_rank", "dp_size", "num_workers", "seed", "batch_mode", "num_rows"):
@@ -286,11 +382,15 @@ class StreamLoader:
                                  f"needs the same {k} (the batch plan depends on it)")
         self._consumed, self._samples = int(state["consumed"]), int(state["samples"])
         self.error_counts = Counter(state["error_counts"])
+        self._bad = {(k, key) for k, key in state.get("bad_samples", [])}
         self._task_samples = Counter(state["task_samples"])
 
     def stats(self) -> dict:
-        return {"batches": self._consumed, "samples": self._samples, "padding_batches": self._padding,
-                "errors": {k: v for k, v in self.error_counts.items() if v}, "task_samples": dict(self._task_samples)}
+        out = {"batches": self._consumed, "samples": self._samples, "padding_batches": self._padding,
+               "errors": {k: v for k, v in self.error_counts.items() if v}, "task_samples": dict(self._task_samples)}
+        if self.missing_tasks:
+            out["missing_tasks"] = list(self.missing_tasks)
+        return out
 
 
 def build_loader(cfg: DataConfig, split: str, dp_rank: int, dp_size: int, tokenizer, train: bool) -> StreamLoader:

@@ -1,30 +1,48 @@
 """Read the Parquet manifest, map rows to tasks, and drop the rows that are bad by metadata alone.
 
 Checks here (on the manifest, before any shard is opened): empty text, over-long source/target, unknown task.
-Checks on the shard contents (truncated members, undecodable audio, NaN features, text that differs) happen in
-the loader when the sample is read.
+Checks on the shard contents happen in the loader when the sample is read: truncated members, undecodable
+audio, NaN features, and members that differ from the build (text replaced, bytes flipped), caught by the
+per-member CRC-32 the builder stores in the manifest's ``crc32`` column.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 
 import numpy as np
 
 from hs_scale import tasks as T
+from hs_scale.data import urls
 from hs_scale.data.plan import Meta
 
 log = logging.getLogger(__name__)
 
 
 def read_manifest(path: str, columns: list[str] | None = None) -> dict[str, list]:
+    """Columns of the manifest at `path` (a path or URL). Missing or unreadable manifests raise with the fix."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"manifest {path} not found; build a corpus with `hs-scale prepare-data`")
-    return pq.read_table(path, columns=columns).to_pydict()
+    corpus = urls.parent(path) if not path.startswith("pipe:") else path
+    try:
+        data = urls.read_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"corpus manifest {path} not found: data.manifest must name a corpus built by `hs-scale prepare-data` "
+            f"(build one with `hs-scale prepare-data --recipe demo --out {corpus}`, or import one with "
+            f"`hs-scale prepare-data --from FORMAT ... --out {corpus}`)") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"corpus manifest {path} is a directory; point data.manifest at the corpus") from None
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"corpus manifest {path} is unreadable ({type(exc).__name__}: {exc}); the file is damaged: check the "
+            f"corpus with `hs-scale prepare-data --verify --out {corpus}` and rebuild it or restore the manifest"
+        ) from None
+    return table.to_pydict()
 
 
 def row_tasks(cfg, lang: str, tgt_lang: str, domain: str | None) -> tuple[str, str, bool, str]:
@@ -58,6 +76,7 @@ def load_meta(cfg, split: str, tokenizer, vocab: T.TaskVocab, on_bad) -> Meta:
         raise ValueError(f"split {split!r} has no rows in {cfg.manifest_path} (splits there: {have})")
     rows = []
     targets, sources = [], []
+    crcs = m.get("crc32") or [""] * len(m["key"])  # corpora built before the column existed: not checked
     for i in idx:
         key, shard = m["key"][i], m["shard"][i]
         lang, tgt_lang, dom = m["lang"][i], m["tgt_lang"][i], m["domain"][i] or None
@@ -124,4 +143,5 @@ def load_meta(cfg, split: str, tokenizer, vocab: T.TaskVocab, on_bad) -> Meta:
         tgt_lang=[rows[j][4] for j in keep],
         use_translation=np.array([rows[j][3] for j in keep], bool),
         stream_names=[stream_names[i] for i in order],
+        crc=[crcs[rows[j][0]] or "" for j in keep],
     )

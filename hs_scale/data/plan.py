@@ -5,12 +5,12 @@ Plans depend only on the manifest, the config and the seed, never on decoded dat
 - every tensor/pipeline rank of one data-parallel replica computes the same plan (same dp_rank);
 - a resumed run replays the plan without decoding anything and continues exactly where it stopped.
 
-Train plan (infinite, the loader cycles): a *stream* is one (encoder task, decoder task) pair. Each stream's
-shards are split over readers (shard i -> reader i % R; streams with fewer shards than readers are split by row
-instead). Every reader draws streams with p ~ (n_s * w_s)^(1/T) (n_s = the stream's global size), reads each
-stream shard by shard with a local shuffle, and cycles it when exhausted. Every `bucket_pool` drawn samples are
-sorted by length, cut into batches under the frame/token budgets (per stream in homogeneous mode) and the batch
-order is shuffled.
+Train plan (`train_pools`, infinite, the loader cycles): a *stream* is one (encoder task, decoder task) pair.
+Each stream's shards are split over readers (shard i -> reader i % R; streams with fewer shards than readers
+are split by row instead). Every reader draws streams with p ~ (n_s * w_s)^(1/T) (n_s = the stream's global
+size), reads each stream shard by shard with a local shuffle, and cycles it when exhausted. Every `bucket_pool`
+drawn samples (a pool) are sorted by length, cut into batches under the frame/token budgets (per stream in
+homogeneous mode) and the batch order is shuffled.
 
 Eval plan (finite): all rows of the split are sorted by length and cut; batch i goes to rank i % dp_size; ranks
 with fewer batches get copies of other batches marked as padding, so every rank runs the same number of steps.
@@ -42,9 +42,20 @@ class Meta:
     tgt_lang: list[str]        # [N]
     use_translation: np.ndarray  # bool [N]: target is the translation member (else the transcript)
     stream_names: list[str]
+    crc: list[str] = dataclasses.field(default_factory=list)
+    """[N] the manifest's per-member CRC-32 ("ext=xxxxxxxx ..."; "" = not checked)."""
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def subset(self, keep: np.ndarray) -> Meta:
+        """The rows where bool `keep` [N] is True (shards and stream names unchanged)."""
+        idx = np.flatnonzero(keep)
+        return dataclasses.replace(
+            self, keys=[self.keys[i] for i in idx], shard_idx=self.shard_idx[idx], src_len=self.src_len[idx],
+            tgt_len=self.tgt_len[idx], stream=self.stream[idx], src_task=self.src_task[idx],
+            tgt_task=self.tgt_task[idx], tgt_lang=[self.tgt_lang[i] for i in idx],
+            use_translation=self.use_translation[idx], crc=[self.crc[i] for i in idx] if self.crc else [])
 
 
 def _seed(*parts: int) -> np.random.Generator:
@@ -111,8 +122,9 @@ def cut_batches(rows: np.ndarray, meta: Meta, cfg, speech: bool) -> list[np.ndar
     return batches
 
 
-def train_plan(meta: Meta, cfg, reader: int, num_readers: int) -> Iterator[np.ndarray]:
-    """Infinite sequence of batches (row-id arrays) for one reader."""
+def train_pools(meta: Meta, cfg, reader: int, num_readers: int) -> Iterator[list[np.ndarray]]:
+    """Infinite sequence of pools for one reader; a pool is its batches (row-id arrays) in the order they are
+    used. The loader reads a pool's rows from the shards in shard order before cutting it (streaming)."""
     units = reader_rows(meta, reader, num_readers)
     if not units:
         raise RuntimeError(
@@ -135,8 +147,7 @@ def train_plan(meta: Meta, cfg, reader: int, num_readers: int) -> Iterator[np.nd
             batches = [b for s in np.unique(choice) for b in cut_batches(rows[choice == s], meta, cfg, speech)]
         else:
             batches = cut_batches(rows, meta, cfg, speech)
-        for i in rng.permutation(len(batches)).tolist():
-            yield batches[i]
+        yield [batches[i] for i in rng.permutation(len(batches)).tolist()]
 
 
 def eval_plan(meta: Meta, cfg, dp_rank: int, dp_size: int) -> list[tuple[np.ndarray, bool]]:

@@ -101,7 +101,17 @@ def build_tokenizer(
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load a tokenizer from a .model file or from a corpus dir holding tokenizer.model."""
+    """Load a tokenizer from a .model file or from a corpus location (dir or URL) holding tokenizer.model."""
+    from hs_scale.data import urls
+
+    if urls.local_path(path) is None or path.startswith("file://"):  # a URL: fetch the model into a local file
+        if not path.endswith(".model"):
+            path = urls.join(path, "tokenizer.model")
+        try:
+            return Tokenizer(urls.local_copy(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no tokenizer at {path}; the corpus builder writes <corpus>/tokenizer.model") from None
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.model")
     if not os.path.exists(path):

@@ -6,10 +6,9 @@ resume (the corpus loader's shard cursors; the synthetic task is a pure function
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from hs_scale.data import build_loader, load_tokenizer
+from hs_scale.data import build_loader, load_tokenizer, urls
 from hs_scale.data.config import DataConfig
+from hs_scale.data.manifest import read_manifest
 from hs_scale.training.synthetic import PAD, SyntheticConfig, SyntheticTask
 
 
@@ -42,13 +41,15 @@ class SyntheticSource:
 
 class CorpusSource:
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int, grad_accum: int, eval_split: str = "dev"):
-        tokenizer_path = cfg.tokenizer or str(Path(cfg.corpus_dir) / "tokenizer.model")
-        self.tokenizer = load_tokenizer(tokenizer_path)
+        # The manifest first: a wrong data.manifest should say the corpus is missing, not that its tokenizer is.
+        read_manifest(cfg.manifest_path, ["split"])
+        self.tokenizer = load_tokenizer(cfg.tokenizer or urls.join(cfg.corpus_dir, "tokenizer.model"))
         self.cfg, self.dp_rank, self.dp_size, self.grad_accum = cfg, dp_rank, dp_size, grad_accum
         self.loader = build_loader(cfg, "train", dp_rank, dp_size, self.tokenizer, train=True)
         self.task_names, self.pad_id = self.loader.tasks.names, self.tokenizer.pad_id
         self.eval_split = eval_split
         self._iter = None
+        self._eval_loader = None
 
     def next_microbatches(self) -> list:
         if self._iter is None:
@@ -56,8 +57,11 @@ class CorpusSource:
         return [next(self._iter) for _ in range(self.grad_accum)]
 
     def eval_batches(self):
-        """Iterable over this rank's share of the eval split (padding batches keep ranks in step)."""
-        return build_loader(self.cfg, self.eval_split, self.dp_rank, self.dp_size, self.tokenizer, train=False)
+        """Iterable over this rank's share of the eval split (padding batches keep ranks in step). Its bad samples
+        are reported by `stats()` (the latest evaluation's)."""
+        self._eval_loader = build_loader(self.cfg, self.eval_split, self.dp_rank, self.dp_size, self.tokenizer,
+                                         train=False)
+        return self._eval_loader
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -67,7 +71,13 @@ class CorpusSource:
         self._iter = None  # the next iteration starts from the restored cursor
 
     def stats(self) -> dict:
-        return self.loader.stats()
+        """The train loader's stats, with `errors` as unique bad samples per split and kind:
+        {"train": {kind: n}, "<eval split>": {kind: n}} (this rank's share)."""
+        out = self.loader.stats()
+        out["errors"] = {"train": out["errors"]}
+        if self._eval_loader is not None:
+            out["errors"][self.eval_split] = self._eval_loader.stats()["errors"]
+        return out
 
 
 def build_source(data: DataConfig | None, synthetic: SyntheticConfig | None, dp_rank: int, dp_size: int,

@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import tarfile
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -32,9 +33,17 @@ def write_manifest(corpus, rows):
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(corpus, "manifest.parquet"))
 
 
-def rewrite_member(corpus, shard, name, data: bytes):
-    """Replace one member's bytes in a shard (keeps the tar well-formed)."""
+def rewrite_member(corpus, shard, name, data: bytes, update_crc: bool = True):
+    """Replace one member's bytes in a shard (keeps the tar well-formed). update_crc=True also updates the
+    manifest's CRC-32 for it (bad data that was bad at build time); False leaves a silent change behind."""
     path = os.path.join(corpus, shard)
+    if update_crc:
+        rows = manifest(corpus)
+        key, ext = name.split(".", 1)
+        row = next(r for r in rows if r["key"] == key)
+        row["crc32"] = " ".join(f"{e}={zlib.crc32(data):08x}" if e == ext else f"{e}={c}"
+                                for e, c in (item.split("=") for item in row["crc32"].split()))
+        write_manifest(corpus, rows)
     with tarfile.open(path) as tf:
         members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
     with tarfile.open(path, "w") as tf:

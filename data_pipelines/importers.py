@@ -1,0 +1,224 @@
+"""Import corpora prepared for other toolkits into an hs_scale corpus (`hs-scale prepare-data --from FORMAT`).
+
+Formats (each reader yields rows {split, lang, tgt_lang, domain, text, translation, source_id[, speaker],
+audio}; `audio` is a picklable reference that `load_audio` reads in the build workers):
+
+- fairseq  S2T TSV (`id, audio, n_frames, tgt_text, speaker, src_lang, tgt_lang`, optional `src_text`); `audio`
+           is a path or fairseq's `<file.zip>:<offset>:<length>` (bytes of a WAV/FLAC member stored uncompressed
+           in the zip), relative to --audio-root (default: the TSV's folder).
+- nemo     NeMo JSON lines (`audio_filepath, duration, text`, optional `lang` / `source_lang`, `target_lang`
+           and a translation field); NeMo's tarred layout (--audio-tars: the tars whose members the manifest's
+           `audio_filepath` names).
+- hf       a Hugging Face dataset saved with `save_to_disk` (`datasets.load_from_disk`), optionally a
+           DatasetDict of splits; an `Audio` column and text columns named by --audio-column, --text-column,
+           --translation-column, --lang-column. Audio is read undecoded (`Audio(decode=False)`) and decoded
+           with soundfile, so no extra audio backend is needed.
+- text     plain parallel text for MT: one sentence per line in --src and --tgt.
+
+Audio is resampled to 16 kHz with scipy's `resample_poly` (what the synthesizer uses too) and down-mixed to mono.
+Bad inputs are counted per kind and skipped, or refused with on_error="raise": unreadable audio ("bad_audio"),
+empty text ("empty_text"), utterances longer than max_seconds ("too_long"). Lhotse is not supported (yet).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+FORMATS = ("fairseq", "nemo", "hf", "text")
+
+
+class ImportError_(ValueError):
+    """A bad input row under on_error="raise" (named so it does not shadow the builtin ImportError)."""
+
+
+# ---- audio --------------------------------------------------------------------------------------------------
+def load_audio(ref: dict) -> np.ndarray:
+    """A row's audio reference -> float32 mono [N] at 16 kHz. ref: {"path"} | {"zip", "offset", "length"} |
+    {"tar", "member"} | {"bytes"}. Raises ValueError with the reason if it cannot be read."""
+    import soundfile as sf
+
+    try:
+        if "bytes" in ref:
+            data = ref["bytes"]
+        elif "zip" in ref:
+            with open(ref["zip"], "rb") as fh:
+                fh.seek(ref["offset"])
+                data = fh.read(ref["length"])
+        elif "tar" in ref:
+            with tarfile.open(ref["tar"]) as tf:
+                data = tf.extractfile(ref["member"]).read()
+        else:
+            with open(ref["path"], "rb") as fh:
+                data = fh.read()
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile / zip / tar / OS errors all mean "unreadable"
+        raise ValueError(f"unreadable audio {_describe(ref)}: {type(exc).__name__}: {exc}") from None
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    if sr != 16_000:
+        from scipy.signal import resample_poly
+
+        g = math.gcd(16_000, sr)
+        wav = resample_poly(wav, 16_000 // g, sr // g).astype(np.float32)
+    if len(wav) == 0:
+        raise ValueError(f"empty audio {_describe(ref)}")
+    return np.clip(wav, -1.0, 32767 / 32768).astype(np.float32)
+
+
+def _describe(ref: dict) -> str:
+    if "zip" in ref:
+        return f"{ref['zip']}:{ref['offset']}:{ref['length']}"
+    if "tar" in ref:
+        return f"{ref['tar']}:{ref['member']}"
+    return ref.get("path", "<bytes>")
+
+
+# ---- readers --------------------------------------------------------------------------------------------------
+def _split_of(path: str, split: str | None) -> str:
+    """--input FILE=SPLIT, else the file name up to the first '_' or '.' (train_st.tsv -> train)."""
+    return split or os.path.basename(path).split("_")[0].split(".")[0]
+
+
+def read_fairseq(path: str, split: str | None, audio_root: str | None, domain: str) -> Iterator[dict]:
+    root = audio_root or os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8") as fh:
+        # fairseq writes these with csv.QUOTE_NONE and tab delimiters (examples/speech_to_text/data_utils.py).
+        for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
+            src, tgt = r.get("src_lang") or "", r.get("tgt_lang") or r.get("src_lang") or ""
+            audio = r["audio"]
+            parts = audio.split(":")
+            if len(parts) == 3 and parts[0].endswith(".zip"):
+                ref = {"zip": os.path.join(root, parts[0]), "offset": int(parts[1]), "length": int(parts[2])}
+            else:
+                ref = {"path": os.path.join(root, audio)}
+            st = src and tgt and src != tgt
+            yield {"split": _split_of(path, split), "lang": src, "tgt_lang": tgt, "domain": domain,
+                   "text": (r.get("src_text") or "") if st else r["tgt_text"],
+                   "translation": r["tgt_text"] if st else "", "source_id": r["id"],
+                   "speaker": r.get("speaker") or "", "audio": ref}
+
+
+def read_nemo(path: str, split: str | None, audio_root: str | None, domain: str, audio_tars: list[str],
+              translation_field: str) -> Iterator[dict]:
+    root = audio_root or os.path.dirname(os.path.abspath(path))
+    in_tar = {}
+    for t in audio_tars:  # NeMo tarred audio: manifest audio_filepath = member name in one of the tars
+        with tarfile.open(t) as tf:
+            in_tar.update({m.name: t for m in tf.getmembers() if m.isfile()})
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            lang = r.get("lang") or r.get("source_lang") or ""
+            tgt = r.get("target_lang") or lang
+            a = r["audio_filepath"]
+            ref = {"tar": in_tar[a], "member": a} if a in in_tar else {"path": os.path.join(root, a)}
+            yield {"split": _split_of(path, split), "lang": lang, "tgt_lang": tgt, "domain": domain,
+                   "text": r.get("text") or "", "translation": r.get(translation_field) or "",
+                   "source_id": r.get("id") or os.path.splitext(os.path.basename(a))[0] or str(n),
+                   "speaker": str(r.get("speaker", "")), "audio": ref}
+
+
+def read_hf(path: str, split: str | None, domain: str, audio_column: str, text_column: str,
+            translation_column: str | None, lang_column: str | None, tgt_lang_column: str | None,
+            lang: str, tgt_lang: str | None) -> Iterator[dict]:
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(split or "train", loaded)]
+    for name, ds in parts:
+        if audio_column in ds.column_names:
+            ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
+        for n, r in enumerate(ds):
+            src = (r[lang_column] if lang_column else lang) or ""
+            tgt = (r[tgt_lang_column] if tgt_lang_column else tgt_lang) or src
+            a = r.get(audio_column)
+            ref = None
+            if a is not None:
+                ref = {"bytes": a["bytes"]} if a.get("bytes") else {"path": os.path.join(path, a.get("path") or "")}
+            yield {"split": name if split is None or len(parts) > 1 else split, "lang": src, "tgt_lang": tgt,
+                   "domain": domain, "text": r.get(text_column) or "",
+                   "translation": (r.get(translation_column) or "") if translation_column else "",
+                   "source_id": str(r.get("id", n)), "audio": ref}
+
+
+def read_text(src: str, tgt: str, split: str, lang: str, tgt_lang: str, domain: str) -> Iterator[dict]:
+    with open(src, encoding="utf-8") as fs, open(tgt, encoding="utf-8") as ft:
+        for n, (a, b) in enumerate(zip(fs, ft, strict=True)):
+            yield {"split": split, "lang": lang, "tgt_lang": tgt_lang, "domain": domain, "text": a.strip(),
+                   "translation": b.strip(), "source_id": str(n)}
+
+
+# ---- import -------------------------------------------------------------------------------------------------
+def filter_rows(rows, on_error: str, counts: Counter) -> list[dict]:
+    """Drop rows with empty text (or, for MT/ST, empty translation), counting them; raise under "raise"."""
+    keep = []
+    for r in rows:
+        st = r["lang"] != r["tgt_lang"]
+        missing = [f for f in ("lang", "tgt_lang") if not r[f]]
+        if missing:
+            raise ImportError_(f"row {r['source_id']}: no {missing[0]}: give --lang (and --tgt-lang) or a column")
+        if not r["text"].strip() or (st and not r["translation"].strip()):
+            if on_error == "raise":
+                raise ImportError_(f"empty_text: row {r['source_id']} ({r['split']}) has empty text")
+            counts["empty_text"] += 1
+            log.warning("skipping row %s: empty text", r["source_id"])
+            continue
+        keep.append(r)
+    return keep
+
+
+def import_corpus(fmt: str, inputs: list[str], out: str, *, lang: str | None = None, tgt_lang: str | None = None,
+                  domain: str = "main", audio_root: str | None = None, audio_tars: list[str] | None = None,
+                  audio_column: str = "audio", text_column: str = "text", translation_column: str | None = None,
+                  lang_column: str | None = None, tgt_lang_column: str | None = None, src: str | None = None,
+                  tgt: str | None = None, split: str = "train", max_seconds: float = 30.0, on_error: str = "skip",
+                  features: bool = False, shard_size: int = 200, workers: int = 1, vocab_size: int = 4000,
+                  seed: int = 0) -> dict:
+    """Read `inputs` (FILE or FILE=SPLIT) in format `fmt`, then build the corpus with build_from_rows."""
+    from data_pipelines.build import build_from_rows
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; use one of {list(FORMATS)}")
+    rows: list[dict] = []
+    if fmt == "text":
+        if not (src and tgt and lang and tgt_lang):
+            raise ValueError("--from text needs --src, --tgt, --lang and --tgt-lang")
+        rows += read_text(src, tgt, split, lang, tgt_lang, domain)
+    for item in inputs:
+        path, _, sp = item.partition("=")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--input {path} does not exist")
+        if fmt == "fairseq":
+            rows += read_fairseq(path, sp or None, audio_root, domain)
+        elif fmt == "nemo":
+            rows += read_nemo(path, sp or None, audio_root, domain, audio_tars or [], translation_column or
+                              "translation")
+        elif fmt == "hf":
+            rows += read_hf(path, sp or None, domain, audio_column, text_column, translation_column, lang_column,
+                            tgt_lang_column, lang or "", tgt_lang)
+    for r in rows:  # --lang / --tgt-lang fill in what the source does not say
+        r["lang"] = r["lang"] or (lang or "")
+        r["tgt_lang"] = r["tgt_lang"] or tgt_lang or r["lang"]
+    counts: Counter = Counter()
+    rows = filter_rows(rows, on_error, counts)
+    speech = fmt != "text" and any(r.get("audio") for r in rows)
+    if not rows:
+        raise ValueError(f"nothing to import from {inputs or [src]}: every row was empty ({dict(counts)})")
+    info = build_from_rows(rows, out, modality="speech" if speech else "text", features=features,
+                           shard_size=shard_size, workers=workers, seed=seed, vocab_size=vocab_size,
+                           info={"recipe": f"import:{fmt}", "inputs": inputs or [src, tgt]},
+                           audio_policy={"max_seconds": max_seconds, "on_error": on_error},
+                           skipped=counts)
+    return info
