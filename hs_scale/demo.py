@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -74,6 +75,9 @@ def _train(corpus: Path, out: Path, vocab_size: int, extra: list[str]) -> int:
     steps = load_config(str(CONFIG), extra).train.steps
     procs = {}
     for name, flags in MODELS.items():
+        if (out / name).exists():  # the demo owns these runs: start both models fresh, never resume half of them
+            print(f"[demo] removing the previous run {out / name}", flush=True)
+            shutil.rmtree(out / name)
         args = ["train", "--config", str(CONFIG), f"--data.manifest={corpus}", f"--train.output_dir={out / name}",
                 f"--model.vocab_size={vocab_size}", "--train.progress_bar=false", *flags, *extra]
         print("[demo] hs-scale " + " ".join(args), flush=True)
