@@ -1,6 +1,7 @@
 """Distributed, reshardable, atomic checkpoints (torch.distributed.checkpoint + DTensor over the TP group).
 
-    manager.py  CheckpointManager (save / load_latest / list_checkpoints / verify), load_full_model_state
+    manager.py  CheckpointManager (save / load_latest / list_checkpoints / verify), load_full_model_state,
+                verify_checkpoint / require_verified (every read path), OutputDirLock (lock.py)
     ranks.py    rank coordinates, TP device mesh, barrier + JSON broadcast (no pickle between ranks)
     state.py    model / optimizer / RNG state <-> layout-free DCP keys (names, global layer indices, TP shards)
     safe_io.py  pickle-free reading (allow-listed DCP metadata, JSON + safetensors trees), durable writes
@@ -10,14 +11,24 @@ The trainer meets this package only through CheckpointManager and load_full_mode
 
 from hs_scale.checkpoint.manager import (
     CheckpointCorruptError,
+    CheckpointError,
     CheckpointInfo,
     CheckpointManager,
+    CheckpointSaveError,
+    is_step_folder,
     load_full_model_state,
+    require_verified,
+    verify_checkpoint,
 )
 from hs_scale.checkpoint.safe_io import UnsafeCheckpointError
 
 __all__ = [
     "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointSaveError",
+    "is_step_folder",
+    "require_verified",
+    "verify_checkpoint",
     "CheckpointInfo",
     "CheckpointManager",
     "UnsafeCheckpointError",
