@@ -63,7 +63,7 @@ def _pid_alive(pid: int) -> bool:
 
 def incarnation_id() -> str:
     """An id shared by every restart of one job (Slurm requeue, torchrun restart, Ray restart); "" if none."""
-    for var in ("HS_SCALE_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+    for var in ("HS_SCALE_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):  # Ray sets HS_SCALE_RUN_ID
         value = os.environ.get(var, "")
         if value and value != "none":
             return f"{var}={value}"
