@@ -65,7 +65,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 
 from hs_scale.checkpoint import safe_io, state
 from hs_scale.checkpoint.ranks import Coords, any_rank, barrier, bcast_json, coords, tp_context
@@ -247,7 +247,7 @@ class CheckpointManager:
             _on_every_rank(c, lambda: tmp.mkdir(parents=True) if c.rank == 0 else None)
             _on_every_rank(c, write_rank_files)  # every rank's files are on disk, or every rank raises
             _on_every_rank(c, lambda: self._finalize(step, tmp, final, nonce) if c.rank == 0 else None)
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
             if c.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointSaveError(self._save_failure(step, tmp, entries, err)) from err
@@ -490,19 +490,29 @@ def _on_every_rank(c: Coords, fn) -> None:
     error = None
     try:
         fn()
-    except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised below, after the other ranks know
         error = err
     if any_rank(error is not None, c):
         raise error if error is not None else CheckpointSaveError("another rank failed to write its part")
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The exception a rank hit inside DCP (CheckpointException wraps one (exception, traceback) per rank)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        wrapped = next(iter(err.failures.values()))
+        return wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    return err
+
+
 def _first_line(err: BaseException) -> str:
+    err = _root_cause(err)
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _is_disk_full(err: BaseException | None) -> bool:
     """ENOSPC anywhere in the cause chain, or the messages torch's zip writer gives for a short write."""
+    err = _root_cause(err) if err is not None else None
     while err is not None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
