@@ -66,6 +66,12 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
     for step, losses in got.items():
         assert all(loss == ref[step][0] for loss in losses), (step, losses, ref[step])  # bitwise: same floats
     assert any(len(v) == 2 for v in got.values()), "no step was re-run after the kill: resume point untested"
+    # metrics.jsonl says which records are recomputed steps: a resume marker, then "recomputed": true on each.
+    rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    (marker,) = [r for r in rows if r["kind"] == "resume"]
+    after = rows[rows.index(marker) + 1:]
+    assert marker["recomputed_until"] == killed_at
+    assert {r["step"] for r in after if r.get("recomputed")} == set(range(marker["step"] + 1, killed_at + 1))
 
     _, ref_state = load_full_model_state(reference / "checkpoints")
     _, got_state = load_full_model_state(interrupted / "checkpoints")
