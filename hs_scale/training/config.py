@@ -91,8 +91,8 @@ class TrainConfig:
     resume, besides the always-safe ones: you take responsibility for continuing with the new values."""
 
     init_from: str = ""
-    """Start a NEW run (step 0, fresh optimizer and schedule) from the weights of a checkpoint (a step folder, or
-    a checkpoint root for its latest), or of an `hs-scale import-hf` output directory. Verified like every load;
+    """Start a NEW run (step 0, fresh optimizer and schedule) from the weights of a checkpoint (a step folder, a
+    checkpoint root or a run's output_dir: its latest), or of an `hs-scale import-hf` output directory. Verified like every load;
     model and selection config must match the weights'. Only for a fresh run (no checkpoint in output_dir)."""
 
     force_unlock: bool = False

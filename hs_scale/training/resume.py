@@ -174,8 +174,9 @@ def _resolve_init(source: str, now: dict, allowed: set[str]) -> tuple[str, str]:
         kind, folder = "import", require_verified(p)
     elif is_step_folder(p):
         kind, folder = "checkpoint", require_verified(p)
-    else:
-        kind, folder = "checkpoint", CheckpointManager(p, on_corrupt="raise").latest_path()
+    else:  # a checkpoint root, or a run's output_dir holding one
+        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        kind, folder = "checkpoint", CheckpointManager(root, on_corrupt="raise").latest_path()
         if folder is None:
             raise FileNotFoundError(f"train.init_from={source}: no checkpoint under it (expected step_* folders, a "
                                     "step folder, or an `hs-scale import-hf` output directory)")

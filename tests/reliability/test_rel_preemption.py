@@ -15,8 +15,10 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 from rel_helpers import TINY, final_losses, one_error_line, records, run, start, stop_group, train_cmd, wait_for_step
 
+from hs_scale.checkpoint import load_full_model_state
 from hs_scale.checkpoint.lock import LOCK_NAME, OutputDirLock, OutputDirLockedError
 from hs_scale.cli import main as cli_main
 
@@ -73,7 +75,7 @@ def _usr1_to_one_rank(proc) -> None:
 
 
 @pytest.mark.slow
-def test_preempted_twice_under_torchrun_then_resumed_exactly(tmp_path, reference):
+def test_preempted_twice_under_torchrun_then_resumed_exactly(tmp_path, reference, capsys):
     """SIGUSR1 to one rank, then (after a resume) SIGTERM to torchrun; the final curve is the uninterrupted one."""
     out = tmp_path / "run"
     first = _interrupt(out, tmp_path / "log1.txt", 5, _usr1_to_one_rank)
@@ -84,6 +86,20 @@ def test_preempted_twice_under_torchrun_then_resumed_exactly(tmp_path, reference
     assert f"resumed from step {second}" in resumed.stdout
     assert final_losses(out) == reference  # exact: the same floats as the uninterrupted run, at every step
     assert [r["step"] for r in records(out, "resume")] == [first, second]
+
+    # That data-parallel-2 checkpoint cannot be resumed by one process (its data cursor is per rank): the refusal
+    # points at init_from, which starts a new one-process run from its weights (any layout reads any other).
+    with pytest.warns(UserWarning, match="saved with data_parallel=2, this run has 1"):
+        assert cli_main(["train", "--config", TINY, "--train.output_dir", str(out), "--train.steps", "42"]) == 2
+    assert "--train.init_from" in one_error_line(capsys.readouterr().err)
+    single = tmp_path / "single"
+    assert cli_main(["train", "--config", TINY, "--train.output_dir", str(single), "--train.steps", "1",
+                     "--train.init_from", str(out), "--train.lr", "1e-12"]) == 0
+    _, theirs = load_full_model_state(out / "checkpoints")
+    _, ours = load_full_model_state(single / "checkpoints")
+    for name, tensor in theirs.items():
+        if not name.endswith((".draws", ".temperature")):
+            torch.testing.assert_close(ours[name], tensor, atol=1e-8, rtol=0, msg=name)
 
 
 def test_sigint_single_process_saves_and_exits_75(tmp_path):
