@@ -255,8 +255,13 @@ class CheckpointManager:
         return final
 
     def _write_trainer_files(self, tmp, step, c, optimizer, scheduler, config_text, metrics) -> None:
-        groups_hp = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else None
-        trainer = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "optimizer_groups": groups_hp}
+        groups_hp = None
+        if optimizer is not None:
+            groups_hp = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        trainer = {
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizer_groups": groups_hp,
+        }
         safe_io.save_tree(tmp / "trainer", trainer)
         safe_io.write_bytes(tmp / "config.json", config_text.encode())
         meta = {

@@ -81,7 +81,11 @@ def task_names_of(config_dict: dict, override: str | None) -> list[str]:
     """The run's task names in id order: --task-names, the checkpoint's own list, synthetic rules, data.tasks or
     the corpus manifest (what the loader inferred)."""
     if override:
-        return [t.strip() for t in override.split(",") if t.strip()]
+        names = [t.strip() for t in override.split(",") if t.strip()]
+        repeated = sorted({t for t in names if names.count(t) > 1})
+        if repeated:
+            raise ExportError(f"--task-names lists {repeated} more than once: give each task once, in task-id order")
+        return names
     if config_dict.get("task_names"):
         return list(config_dict["task_names"])
     if config_dict.get("synthetic"):

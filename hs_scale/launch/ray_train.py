@@ -105,6 +105,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train(cfg, resume_from=resume_dir, **kwargs)
 
 
+def _one_line(error: BaseException) -> str:
+    """The innermost cause of a worker's failure (Ray wraps it in its own errors), on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if len(text) < 2000 else f"{type(error).__name__}: {text[:2000]}..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     import json
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hs_scale.launch.ray_train: finished; output_dir={cfg.train.output_dir} last checkpoint={ckpt}",
           flush=True)
     if result.error:
-        print(f"hs_scale.launch.ray_train: failed: {result.error}", file=sys.stderr)
+        print(f"hs_scale.launch.ray_train: failed: {_one_line(result.error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -92,8 +92,9 @@ class TrainConfig:
 
     init_from: str = ""
     """Start a NEW run (step 0, fresh optimizer and schedule) from the weights of a checkpoint (a step folder, a
-    checkpoint root or a run's output_dir: its latest), or of an `hs-scale import-hf` output directory. Verified like every load;
-    model and selection config must match the weights'. Only for a fresh run (no checkpoint in output_dir)."""
+    checkpoint root or a run's output_dir: its latest), or of an `hs-scale import-hf` output directory. Verified
+    like every load; model and selection config must match the weights'. Only for a fresh run: once output_dir
+    holds checkpoints (e.g. after a preemption), they are resumed instead."""
 
     force_unlock: bool = False
     """Take over the output dir's lock even though its holder cannot be proven gone (it ran on another host):

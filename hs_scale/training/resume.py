@@ -103,7 +103,7 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -129,7 +129,7 @@ def _plan(cfg, ckpt: CheckpointManager, resume_from: str | None) -> dict:
     if resume_from is not None:  # a launcher's restart (Ray): the same run, always resumed, verified
         path = require_verified(resume_from)
     else:
-        existing = [info for info in ckpt.list_checkpoints()]
+        existing = ckpt.list_checkpoints()
         if t.resume == "never" and existing:
             raise ValueError(f"train.resume=never but {ckpt.root} already holds checkpoints (newest: step "
                              f"{existing[-1].step}): use a new train.output_dir, or train.resume=auto to continue")

@@ -21,8 +21,8 @@ from ckpt_models import optimizer_for, small_s2t  # noqa: E402
 
 from hs_scale.checkpoint import (  # noqa: E402
     CheckpointCorruptError,
-    CheckpointSaveError,
     CheckpointManager,
+    CheckpointSaveError,
     load_full_model_state,
     safe_io,  # noqa: E402
 )

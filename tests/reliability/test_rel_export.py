@@ -39,6 +39,9 @@ def test_export_out_rules(run_dir, tmp_path, capsys):
     afile.write_text("x")
     assert main_export(["--checkpoint", ckpt, "--task", "copy", "--out", str(afile)]) == 2
     assert f"--out {afile} is a file" in capsys.readouterr().err
+    assert main_export(["--checkpoint", ckpt, "--task", "copy", "--out", str(tmp_path / "x"), "--task-names",
+                        "copy,copy,shift,swap_pairs"]) == 2
+    assert "--task-names lists ['copy'] more than once" in capsys.readouterr().err
 
 
 def test_evaluate_unknown_split(run_dir, capsys):
