@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rel_helpers import TINY, flip_byte, one_error_line, run, train_cmd
+from rel_helpers import TINY, flip_byte, one_error_line
 
 from hs_scale.checkpoint import (
     CheckpointCorruptError,
@@ -164,19 +164,19 @@ def test_disk_full_save_cleans_up_and_names_the_intact_checkpoint(small_tmpfs):
     ckpt.save(2, model)  # space is back: saving works again, nothing to clean by hand
 
 
-def test_disk_full_during_training_then_resume_without_manual_steps(small_tmpfs):
+def test_disk_full_during_training_then_resume_without_manual_steps(small_tmpfs, capsys):
     out = small_tmpfs / "run"
-    assert run(train_cmd(out, "--train.steps", "2")).returncode == 0
+    train = ["train", "--config", TINY, "--train.output_dir", str(out), "--train.steps"]
+    assert cli_main([*train, "2"]) == 0
     filler = _fill(small_tmpfs, 300 * 1024)  # room for logs and heatmaps, not for an 0.8 MiB checkpoint
-    proc = run(train_cmd(out, "--train.steps", "4"))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    line = one_error_line(proc.stderr)
+    capsys.readouterr()
+    assert cli_main([*train, "4"]) == 2
+    line = one_error_line(capsys.readouterr().err)
     assert "saving checkpoint step 4 failed: no space left" in line and "step_000000002" in line, line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000000002"]
     filler.unlink()
-    proc = run(train_cmd(out, "--train.steps", "4"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step 2" in proc.stdout
+    assert cli_main([*train, "4"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
     assert (out / "checkpoints" / "latest").read_text().strip() == STEP4
 
 
