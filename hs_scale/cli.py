@@ -7,13 +7,20 @@
     hs-scale export-hf --checkpoint DIR --task T --out DIR   dense per-task Hugging Face model (or --all-tasks)
     hs-scale import-hf --model DIR --pool-size P --tasks a,b --out DIR   upcycle a dense HF model
     hs-scale demo                                       the built-in multilingual ASR demo (make demo)
+
+Exit codes of `train`: 0 done; 2 refused (bad config, corrupt checkpoint, locked output dir, incompatible
+resume, failed save: one `error: ...` line on rank 0, no traceback; HS_SCALE_TRACEBACK=1 shows it); 75 stopped
+cleanly on SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (rerun to resume); anything else is a bug (traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
+import time
 
 from hs_scale.config import ConfigError, dump_config, load_config
 
@@ -49,15 +56,51 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
-        print(f"hs-scale: invalid config: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: invalid config: {err}", file=sys.stderr)
         return 2
     if args.command == "show-config":
         print(dump_config(cfg), end="")
         return 0
+    return _train(cfg)
+
+
+def _train(cfg) -> int:
+    from hs_scale.checkpoint import CheckpointError
+    from hs_scale.checkpoint.lock import OutputDirLockedError
+    from hs_scale.training.loop import EXIT_PREEMPTED, NonFiniteLossError, Preempted
     from hs_scale.training.run import train
 
-    train(cfg)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        train(cfg)
+    except Preempted as stop:
+        if rank0:
+            print(f"hs-scale train: {stop}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    # Errors every rank raises alike (checked on rank 0, or deterministic): one line, said once.
+    except (ConfigError, CheckpointError, OutputDirLockedError, NonFiniteLossError, ValueError,
+            FileNotFoundError) as err:
+        if os.environ.get("HS_SCALE_TRACEBACK"):
+            raise
+        line = "error: " + " ".join(str(err).split())
+        if rank0:
+            print(line, file=sys.stderr, flush=True)
+        _tell_torchrun(line)
+        return 2
     return 0
+
+
+def _tell_torchrun(line: str) -> None:
+    """torchrun prints a worker's error file in its end-of-run summary: make that our one line, not a pointer to
+    the docs on how to get a traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ from hs_scale.training.synthetic import SyntheticConfig
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the field and the fix."""
+
+
+# Integer fields of parallel: whose ranges the layout arithmetic assumes (0 would divide by zero).
+_PARALLEL_MINIMUM = {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1, "virtual_pipeline": 1,
+                     "num_microbatches": 1, "zero_stage": 0, "timeout_minutes": 1}
 
 
 @dataclass
@@ -73,6 +79,11 @@ class Config:
                     "use speech with s2t and text with text"
                 )
         p = self.parallel
+        for name, minimum in _PARALLEL_MINIMUM.items():
+            value = getattr(p, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"parallel.{name}={value} is out of range: must be >= {minimum}"
+                                  + (" (or unset: one per process)" if name == "data_parallel" else ""))
         if p.num_microbatches not in (1, self.train.grad_accum):
             raise ConfigError(f"parallel.num_microbatches={p.num_microbatches} is taken from train.grad_accum="
                               f"{self.train.grad_accum}; remove it and set train.grad_accum instead")
@@ -151,6 +162,8 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan would pass every `x < 0` check and silently disable what it sets
+            raise ConfigError(f"{where}={value}: must be a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -191,6 +204,24 @@ def _join(where: str, key: str) -> str:
 # YAML + overrides
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys (YAML would silently keep the last `train:` section)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float)) and key != "<<" and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def parse_overrides(args: list[str]) -> dict:
     """["--a.b", "1", "--c.d=x"] -> {"a": {"b": 1}, "c": {"d": "x"}}; values are parsed as YAML scalars."""
     tree: dict = {}
@@ -207,11 +238,20 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ConfigError(f"override {arg}: missing value")
             dotted, text = arg[2:], args[i + 1]
             i += 2
+        parts = dotted.split(".")
+        if not all(part.replace("_", "").isalnum() for part in parts):
+            raise ConfigError(f"override {arg!r}: {dotted!r} is not a field name; expected --section.field VALUE")
         node = tree
-        *parents, leaf = dotted.split(".")
-        for part in parents:
+        for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(text)
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{dotted}: {part} was already given a value; set its fields only")
+        try:
+            node[parts[-1]] = yaml.load(text, Loader=_StrictLoader)
+        except yaml.YAMLError as err:  # a tag (!!python/...), an unclosed bracket...
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override --{dotted}: cannot read the value {text!r} ({problem}); give a plain "
+                              "number, string, true/false or [list]") from None
     return tree
 
 
@@ -233,12 +273,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML file (or start from defaults), apply `--section.field value` overrides, validate."""
     raw: dict = {}
     if path is not None:
+        path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass a YAML file (e.g. configs/synthetic.yaml)")
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}): is it a YAML file?") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} holds a {type(raw).__name__}, not a mapping of sections "
+                              "(model:, selection:, train:, ...)")
     raw = _merge(raw, parse_overrides(overrides or []))
     return config_from_dict(raw)
 

@@ -1,6 +1,6 @@
 """Where a rank stands (global rank, tp/pp/dp coordinates, TP device mesh) and the two collectives the
-checkpoint manager needs on top of DCP's own (a barrier, and a JSON broadcast from rank 0 carried in a
-uint8 tensor, so no pickle travels between ranks either)."""
+checkpoint manager needs on top of DCP's own (a barrier, an "any rank?" flag all-reduce, and a JSON broadcast from
+rank 0 carried in a uint8 tensor, so no pickle travels between ranks either)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,16 @@ def bcast_json(obj: Any, c: Coords) -> Any:
         buf = torch.empty(int(n), dtype=torch.uint8, device=device)
     dist.broadcast(buf, 0)
     return json.loads(bytes(buf.cpu().tolist()).decode())
+
+
+def any_rank(flag: bool, c: Coords) -> bool:
+    """True on every rank if `flag` is true on any rank (an all-reduce MAX of one integer)."""
+    if c.world == 1:
+        return bool(flag)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier(c: Coords) -> None:

@@ -186,17 +186,49 @@ class Loader:
             got = self.targets[key]
             if hasattr(got, "to_local"):
                 e.local.copy_(got.to_local())
-            elif got.shape == e.local.shape and e.shard_dim is None:
-                e.local.copy_(got)
             else:
-                e.local.zero_()
-                dst, src = [], []
-                for d, (n_local, n_saved) in enumerate(zip(e.local.shape, got.shape, strict=True)):
-                    start = self.tp.rank * n_local if d == e.shard_dim else 0
-                    n = max(0, min(n_local, n_saved - start))
-                    dst.append(slice(0, n))
-                    src.append(slice(start, start + n))
-                e.local[tuple(dst)].copy_(got[tuple(src)])
+                _copy_global(e, got, self.tp)
+
+
+def _copy_global(e: Entry, got: Tensor, tp: TPContext) -> None:
+    """Copy this rank's region of the global tensor `got` into e.local (padded dims: overlap, rest zero)."""
+    if got.shape == e.local.shape and e.shard_dim is None:
+        e.local.copy_(got)
+        return
+    e.local.zero_()
+    dst, src = [], []
+    for d, (n_local, n_saved) in enumerate(zip(e.local.shape, got.shape, strict=True)):
+        start = tp.rank * n_local if d == e.shard_dim else 0
+        n = max(0, min(n_local, n_saved - start))
+        dst.append(slice(0, n))
+        src.append(slice(start, start + n))
+    e.local[tuple(dst)].copy_(got[tuple(src)])
+
+
+@torch.no_grad()
+def load_full(model: nn.Module | list[nn.Module], full: dict[str, Tensor], tp: TPContext) -> None:
+    """Copy a single-device state dict (an import-hf model, load_full_model_state) into a model of any TP x PP
+    layout: each rank takes its TP shard and its pipeline stage's layers, exactly as from a checkpoint."""
+    flat = {f"model.{name}": t for name, t in full.items()}
+    for name in _layer_offsets(model):  # selector logits [K, L, P] are addressed one global layer at a time
+        if name in full:
+            flat.update({f"model.{name}.layer_{g:04d}": full[name].select(1, g) for g in range(full[name].shape[1])})
+    missing = []
+    for per_alias in model_entries(model, tp):
+        found = next((es for es in per_alias if all(e.key in flat for e in es)), None)
+        if found is None:
+            missing.append(per_alias[0][0].key)
+            continue
+        for e in found:
+            want = list(e.local.shape)
+            if e.shard_dim is not None:
+                want[e.shard_dim] *= tp.size
+            if flat[e.key].dim() != len(want):
+                raise ValueError(f"weights {e.key} have shape {tuple(flat[e.key].shape)}, this model needs "
+                                 f"{tuple(want)}")
+            _copy_global(e, flat[e.key].to(e.local.dtype), tp)
+    if missing:
+        raise KeyError(f"the weights lack {len(missing)} model tensors, e.g. {missing[:5]}: saved from another model?")
 
 
 def want_model(loader: Loader, model: nn.Module) -> None:

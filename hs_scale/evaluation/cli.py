@@ -4,7 +4,9 @@
     hs-scale evaluate --checkpoint-root runs/x/checkpoints --average-last 10 --metric wer --out eval.json
 
 Checkpoints are read with ``hs_scale.checkpoint.load_full_model_state`` (imported only when needed, so this module
-and everything below it import without the checkpoint stack). The paper's recipe: beam 5, the average of the last
+and everything below it import without the checkpoint stack), which verifies each one (COMPLETE marker + sha256)
+and refuses a corrupt one naming it; ``--average-last`` averages only checkpoints that verify (``--no-verify``
+skips verification, at your own risk). The paper's recipe: beam 5, the average of the last
 10 checkpoints, WER for ASR and BLEU for ST/MT.
 """
 
@@ -57,20 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", metavar="JSON", help="write the results here")
     p.add_argument("--keep-outputs", action="store_true", help="include every hypothesis/reference in --out")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load checkpoints even if they fail their checksum (at your own risk)")
     return p
 
 
-def resolve_checkpoints(checkpoints: list[str] | None, root: str | None, last_n: int) -> list[Path]:
-    """The folders to load: the explicit ones, or the last ``last_n`` complete step folders under ``root``."""
+def resolve_checkpoints(checkpoints: list[str] | None, root: str | None, last_n: int,
+                        verify: bool = True) -> list[Path]:
+    """The folders to load: the explicit ones, or the last ``last_n`` verified step folders under ``root``."""
     if checkpoints:
         return [Path(c) for c in checkpoints]
     if last_n < 1:
         raise ValueError(f"--average-last {last_n} must be >= 1")
     from hs_scale.checkpoint import CheckpointManager
 
-    complete = [info.path for info in CheckpointManager(root).list_checkpoints() if info.complete]
+    manager = CheckpointManager(root)
+    complete = []
+    for info in reversed(manager.list_checkpoints()):  # newest first: verify only as many as needed
+        if len(complete) == last_n:
+            break
+        reason = manager.verify(info.path) if verify else (None if info.complete else "no COMPLETE marker")
+        if reason is None:
+            complete.insert(0, info.path)
+        else:
+            print(f"hs-scale evaluate: skipping {info.path}: {reason}", file=sys.stderr)
     if not complete:
-        raise FileNotFoundError(f"no complete checkpoint under {root}")
+        raise FileNotFoundError(f"no complete, verified checkpoint under {root}")
     if len(complete) < last_n:
         print(
             f"hs-scale evaluate: only {len(complete)} complete checkpoints under {root}; averaging them all",
@@ -79,7 +93,8 @@ def resolve_checkpoints(checkpoints: list[str] | None, root: str | None, last_n:
     return [Path(p) for p in complete[-last_n:]]
 
 
-def load_model(paths: list[Path], load_fn: LoadFn | None = None, device: str | torch.device = "cpu"):
+def load_model(paths: list[Path], load_fn: LoadFn | None = None, device: str | torch.device = "cpu",
+               verify: bool = True):
     """(Config, model in eval mode, task names) from the average of the checkpoints at ``paths``.
 
     ``load_fn(path, like=model)`` -> (config dict, state dict); default ``load_full_model_state``. The first
@@ -89,7 +104,11 @@ def load_model(paths: list[Path], load_fn: LoadFn | None = None, device: str | t
     from hs_scale.models import build_model
 
     if load_fn is None:
-        from hs_scale.checkpoint import load_full_model_state as load_fn
+        from functools import partial
+
+        from hs_scale.checkpoint import load_full_model_state
+
+        load_fn = partial(load_full_model_state, verify=verify)
     config_dict, _ = load_fn(paths[0])
     cfg = config_from_dict(config_dict)
     task_names = task_names_of(cfg)
@@ -121,6 +140,8 @@ def eval_inputs(cfg, split: str, metric: str) -> tuple[list | object, Callable[[
         from hs_scale.training.synthetic import SyntheticTask
 
         task = SyntheticTask(cfg.synthetic)
+        if split not in task._SPLIT_SALT:
+            raise ValueError(f"--split {split!r}: the synthetic task has the splits {sorted(task._SPLIT_SALT)}")
         n = cfg.synthetic.eval_batches * len(cfg.synthetic.rules)
         batches = [task.batch(i, split) for i in range(n)]
         return batches, lambda ids: " ".join(map(str, ids)), "accuracy" if metric == "auto" else metric
@@ -143,8 +164,9 @@ def run(args: argparse.Namespace, load_fn: LoadFn | None = None) -> dict:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    paths = resolve_checkpoints(args.checkpoint, args.checkpoint_root, args.average_last)
-    cfg, model, task_names = load_model(paths, load_fn, device)
+    verify = not getattr(args, "no_verify", False)
+    paths = resolve_checkpoints(args.checkpoint, args.checkpoint_root, args.average_last, verify)
+    cfg, model, task_names = load_model(paths, load_fn, device, verify)
     batches, decode, metric = eval_inputs(cfg, args.split, args.metric)
     result = evaluate(
         model,
@@ -170,9 +192,11 @@ def main(argv: list[str] | None = None, load_fn: LoadFn | None = None) -> int:
     if args.beam < 1:
         print(f"hs-scale evaluate: --beam {args.beam} must be >= 1", file=sys.stderr)
         return 2
+    from hs_scale.checkpoint import CheckpointError
+
     try:
         result = run(args, load_fn)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"hs-scale evaluate: {err}", file=sys.stderr)
         return 2
     print(result["table"])

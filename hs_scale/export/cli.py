@@ -3,6 +3,12 @@
     hs-scale export-hf --checkpoint CKPT --task de --out out/de [--tokenizer data/asr8]
     hs-scale export-hf --checkpoint CKPT --all-tasks --out out/all
     hs-scale import-hf --model dense_dir --pool-size 8 --tasks de,fr,es --out upcycled/
+
+Both write into a temporary sibling of --out and rename it into place at the end, so --out never holds a mix of
+an old and a new model: a non-empty --out is refused unless --overwrite (which then replaces it whole).
+export-hf verifies the checkpoint first (COMPLETE marker + sha256, like training's resume); --no-verify skips it.
+import-hf's output (config.yaml, model.safetensors, COMPLETE) is a start for `hs-scale train --config
+OUT/config.yaml --data.manifest CORPUS --train.init_from OUT`.
 """
 
 from __future__ import annotations
@@ -10,17 +16,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shutil
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 from hs_scale.export.materialize import ExportError
 
 
-def _load_checkpoint(path: str) -> tuple[dict, dict]:
+@contextmanager
+def staged_output(out: str, overwrite: bool):
+    """Yield a fresh temporary directory next to `out`; on success it replaces `out` (module docstring)."""
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"--out {out} is a file; give a directory path")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out} is not empty: pass --overwrite to replace it, or choose a new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nonce = secrets.token_hex(4)
+    tmp = target.with_name(f".{target.name}.tmp-{nonce}")
+    tmp.mkdir()
+    try:
+        yield str(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{nonce}")
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: str, verify: bool = True) -> tuple[dict, dict]:
     try:
         from hs_scale.checkpoint import load_full_model_state
     except ImportError as err:  # the checkpoint package is another component; say what is missing
         raise ExportError(f"cannot read checkpoints: hs_scale.checkpoint unavailable ({err})") from err
-    config_dict, state = load_full_model_state(path)
+    config_dict, state = load_full_model_state(path, verify=verify)
     # Tied aliases the checkpoint stored once are filled by loading again against a model of the run's shapes.
     from hs_scale.models import build_model
     from hs_scale.models.config import ModelConfig
@@ -32,15 +66,26 @@ def _load_checkpoint(path: str) -> tuple[dict, dict]:
     except (ExportError, TypeError, ValueError):
         return config_dict, state  # export_task names the problem (unknown option, task names...)
     if set(like.state_dict()) - set(state):
-        config_dict, state = load_full_model_state(path, like=like)
+        config_dict, state = load_full_model_state(path, like=like, verify=False)  # verified just above
     return config_dict, state
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What export-hf reports as one line (a corrupt checkpoint included); anything else is a bug: traceback."""
+    from hs_scale.checkpoint import CheckpointError
+
+    return ExportError, ValueError, KeyError, FileNotFoundError, CheckpointError
 
 
 def task_names_of(config_dict: dict, override: str | None) -> list[str]:
     """The run's task names in id order: --task-names, the checkpoint's own list, synthetic rules, data.tasks or
     the corpus manifest (what the loader inferred)."""
     if override:
-        return [t.strip() for t in override.split(",") if t.strip()]
+        names = [t.strip() for t in override.split(",") if t.strip()]
+        repeated = sorted({t for t in names if names.count(t) > 1})
+        if repeated:
+            raise ExportError(f"--task-names lists {repeated} more than once: give each task once, in task-id order")
+        return names
     if config_dict.get("task_names"):
         return list(config_dict["task_names"])
     if config_dict.get("synthetic"):
@@ -83,6 +128,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-start-token-id", type=int, help="first decoder token (default: from the run)")
     p.add_argument("--partitions", type=int, help="TP size the run selected with (default: parallel.tensor_parallel)")
     p.add_argument("--beam", type=int, default=5, help="num_beams written to generation_config.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load the checkpoint even if it fails its checksum (at your own risk)")
     return p
 
 
@@ -94,7 +142,9 @@ def main_export(argv: list[str] | None = None) -> int:
         from hs_scale.export.all_tasks import export_all_tasks
         from hs_scale.export.per_task import export_task, resolve_decoder_start
 
-        config_dict, state = _load_checkpoint(args.checkpoint)
+        if not os.path.exists(args.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
+        config_dict, state = _load_checkpoint(args.checkpoint, verify=not args.no_verify)
         task_names = task_names_of(config_dict, args.task_names)
         tok_path = _tokenizer_path(config_dict, args.tokenizer)
         tokenizer = load_tokenizer(tok_path) if tok_path else None
@@ -111,15 +161,18 @@ def main_export(argv: list[str] | None = None) -> int:
 
         if args.all_tasks:
             starts = {name: start_of(name) for name in task_names}
-            summary = export_all_tasks(model_cfg, sel_cfg, state, task_names, args.out, tok_path,
-                                       task_decoder_start=starts, **common)
+            with staged_output(args.out, args.overwrite) as out:
+                summary = export_all_tasks(model_cfg, sel_cfg, state, task_names, out, tok_path,
+                                           task_decoder_start=starts, **common)
         else:
             dec_task = args.task.split("->", 1)[-1].strip()
             if dec_task not in task_names:
                 raise ExportError(f"unknown task {dec_task!r}; this checkpoint's tasks are {task_names}")
-            summary = export_task(model_cfg, sel_cfg, state, task_names, args.task, args.out, tok_path,
-                                  decoder_start_token_id=start_of(dec_task), **common)
-    except (ExportError, ValueError, KeyError, FileNotFoundError) as err:
+            start = start_of(dec_task)
+            with staged_output(args.out, args.overwrite) as out:
+                summary = export_task(model_cfg, sel_cfg, state, task_names, args.task, out, tok_path,
+                                      decoder_start_token_id=start, **common)
+    except _user_errors() as err:
         print(f"hs-scale export-hf: {err}", file=sys.stderr)
         return 2
     for note in summary.get("notes", []):
@@ -140,14 +193,13 @@ def import_parser() -> argparse.ArgumentParser:
                    "(encoder_self, decoder_self, cross)")
     p.add_argument("--perturb-std", type=float, default=0.0, help="noise on the non-original copies' Q/K/V rows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     return p
 
 
 def main_import(argv: list[str] | None = None) -> int:
     args = import_parser().parse_args(argv)
     try:
-        import dataclasses
-
         import yaml
         from safetensors.torch import save_file
 
@@ -161,17 +213,48 @@ def main_import(argv: list[str] | None = None) -> int:
         selection = SelectionConfig(strategy=args.strategy, pool_heads=args.pool_size,
                                     **{t: False for t in off})
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+        if repeated:
+            raise ExportError(f"--tasks lists {repeated} more than once: give each task once, in task-id order")
+        if not tasks:
+            raise ExportError("--tasks is empty: give the task names in task-id order, e.g. --tasks de,fr,es")
         model_cfg, selection, model = import_dense(args.model, args.pool_size, tasks, selection,
                                                    args.perturb_std, args.seed)
-        os.makedirs(args.out, exist_ok=True)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(args.out, "model.safetensors"))
-        sections = {"model": dataclasses.asdict(model_cfg), "selection": dataclasses.asdict(selection),
-                    "task_names": tasks}
-        with open(os.path.join(args.out, "config.yaml"), "w") as fh:
-            yaml.safe_dump(sections, fh, sort_keys=False)
+        sections = import_config(model_cfg, selection, tasks)
+        with staged_output(args.out, args.overwrite) as out:
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(state, os.path.join(out, "model.safetensors"))
+            with open(os.path.join(out, "config.yaml"), "w") as fh:
+                yaml.safe_dump(sections, fh, sort_keys=False)
+            write_marker(out)
     except (ExportError, ValueError, OSError) as err:
         print(f"hs-scale import-hf: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}/model.safetensors and config.yaml ({len(tasks)} tasks, pool {args.pool_size})")
     return 0
+
+
+def import_config(model_cfg, selection, tasks: list[str]) -> dict:
+    """config.yaml of an import-hf output: a run config `show-config` accepts (the corpus to train on is added
+    with --data.manifest); the task names go to data.tasks, which fixes the task ids."""
+    import dataclasses
+
+    from hs_scale.config import config_from_dict
+
+    sections = {
+        "model": dataclasses.asdict(model_cfg),
+        "selection": dataclasses.asdict(selection),
+        "data": {"tasks": list(tasks), "task_key": selection.task_key,
+                 "modality": "speech" if model_cfg.arch == "s2t" else "text"},
+    }
+    config_from_dict(sections)  # what we write must load: refuse here rather than at train time
+    return sections
+
+
+def write_marker(folder: str) -> None:
+    """COMPLETE (size + sha256 of every file), as in a checkpoint: init_from verifies it the same way."""
+    from hs_scale.checkpoint import safe_io
+
+    files = {f.name: {"size": f.stat().st_size, "sha256": safe_io.sha256_file(f)}
+             for f in sorted(Path(folder).iterdir()) if f.is_file()}
+    safe_io.write_json(Path(folder) / "COMPLETE", {"step": 0, "files": files})

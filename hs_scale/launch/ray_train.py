@@ -12,6 +12,9 @@ Ray (`ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path))`, th
 and Ray persists it under `{storage_path}/{name}`. When a worker dies, Ray restarts the whole worker group (up to
 `--max-failures` times) and every worker resumes from `ray.train.get_checkpoint()`, i.e. the last *reported*
 checkpoint: steps after it are recomputed from that state, so no step is applied twice to the final weights.
+That checkpoint is verified (COMPLETE + sha256) before it is loaded, like every other load. Every restart of one
+`fit()` carries the same HS_SCALE_RUN_ID, so a restarted rank 0 may take over the output dir's lock left by the
+worker that died (on any node); another submission is refused while the lock is held.
 
 A relative `train.output_dir` is placed under the storage path (workers of a `ray job` run in an unpacked copy of
 the working dir, which is not where you want outputs). Multi-node: storage path and output_dir on shared storage.
@@ -25,6 +28,7 @@ import inspect
 import os
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 ENTRY = "hs_scale.training.run:train"
@@ -60,6 +64,12 @@ def resolve_config(config: str | None, overrides: list[str], storage_path: str, 
     return cfg, dump_config(cfg)
 
 
+def _run_id() -> str:
+    """Shared by every restart of this fit(); under Slurm, by every requeue of the job too (same job id)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"SLURM_JOB_ID={job}" if job else f"ray-{uuid.uuid4().hex}"
+
+
 def _load_entry(spec: str):
     module, _, func = spec.partition(":")
     return getattr(importlib.import_module(module), func)
@@ -73,6 +83,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    os.environ["HS_SCALE_RUN_ID"] = loop_config["run_id"]  # restarts of this fit() own the output dir's lock
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(loop_config["config_yaml"])
@@ -92,6 +103,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     with checkpoint.as_directory() as resume_dir:  # local storage: the directory itself; remote: a download
         print(f"[ray_train rank {rank}] resuming from {resume_dir}", flush=True)
         train(cfg, resume_from=resume_dir, **kwargs)
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost cause of a worker's failure (Ray wraps it in its own errors), on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if len(text) < 2000 else f"{type(error).__name__}: {text[:2000]}..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config_yaml": config_yaml, "entry": args.entry},
+        train_loop_config={"config_yaml": config_yaml, "entry": args.entry, "run_id": _run_id()},
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo",
                                  timeout_s=cfg.parallel.timeout_minutes * 60),
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
@@ -133,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hs_scale.launch.ray_train: finished; output_dir={cfg.train.output_dir} last checkpoint={ckpt}",
           flush=True)
     if result.error:
-        print(f"hs_scale.launch.ray_train: failed: {result.error}", file=sys.stderr)
+        print(f"hs_scale.launch.ray_train: failed: {_one_line(result.error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
 DTYPES = ("fp32", "bf16")
+RESUME = ("auto", "never", "must")
 
 
 @dataclass
@@ -77,8 +79,26 @@ class TrainConfig:
     keep_last: int = 3
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
 
-    resume: bool = True
-    """Continue from the latest complete checkpoint in <output_dir>/checkpoints when there is one."""
+    resume: bool | str = "auto"
+    """Checkpoints already in <output_dir>/checkpoints: "auto" continues from the latest one (a fresh start when
+    there is none), "must" refuses to start without one, "never" refuses to start if there is one (a new run
+    needs a new output_dir). Old configs' true/false mean auto/never. Resuming checks the checkpoint's config
+    against this one and refuses any difference outside the always-safe fields (steps raised, intervals,
+    keep_last, progress bar, threads...) and `allow_config_change`."""
+
+    allow_config_change: list[str] = field(default_factory=list)
+    """Fields ("train.lr", "selection.temperature_min", ...) that may differ from the checkpoint's config on
+    resume, besides the always-safe ones: you take responsibility for continuing with the new values."""
+
+    init_from: str = ""
+    """Start a NEW run (step 0, fresh optimizer and schedule) from the weights of a checkpoint (a step folder, a
+    checkpoint root or a run's output_dir: its latest), or of an `hs-scale import-hf` output directory. Verified
+    like every load; model and selection config must match the weights'. Only for a fresh run: once output_dir
+    holds checkpoints (e.g. after a preemption), they are resumed instead."""
+
+    force_unlock: bool = False
+    """Take over the output dir's lock even though its holder cannot be proven gone (it ran on another host):
+    only when you know that run is dead (see docs/reliability.md)."""
 
     on_corrupt: str = "fallback"
     """A corrupt or half-written latest checkpoint: "fallback" to the previous one with a warning, or "raise"."""
@@ -99,8 +119,6 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr={self.lr} must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
         if not 0 <= self.label_smoothing < 1:
@@ -109,5 +127,18 @@ class TrainConfig:
             raise ValueError(f"train.on_corrupt={self.on_corrupt!r} is unknown; use fallback or raise")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
-        if self.warmup_steps < 0 or self.clip_norm < 0 or self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("train.warmup_steps, clip_norm, eval_every and save_every must be >= 0")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.threads < 0:
+            raise ValueError("train.warmup_steps, eval_every, save_every and threads must be >= 0")
+        for name, low, high, valid in (("lr", 0, math.inf, "> 0"), ("eps", 0, math.inf, "> 0"),
+                                       ("weight_decay", 0, math.inf, ">= 0"), ("clip_norm", 0, math.inf, ">= 0"),
+                                       ("min_lr_ratio", 0, 1, "in [0, 1]"), ("peak_tflops", 0, math.inf, ">= 0")):
+            value = getattr(self, name)
+            ok = math.isfinite(value) and low <= value <= high and not (valid == "> 0" and value == 0)
+            if not ok:
+                raise ValueError(f"train.{name}={value} is out of range: must be a finite number {valid}")
+        if isinstance(self.resume, bool):  # configs written before the policy existed
+            self.resume = "auto" if self.resume else "never"
+        if self.resume not in RESUME:
+            raise ValueError(f"train.resume={self.resume!r} is unknown; use one of {RESUME}")
+        if not all(isinstance(f, str) and f.count(".") == 1 for f in self.allow_config_change):
+            raise ValueError(f"train.allow_config_change={self.allow_config_change}: list fields as section.field")

@@ -2,11 +2,21 @@
 
 It meets the rest of the system through four small seams: a batch source (hs_scale.training.data_source), a step
 engine (hs_scale.training.engine), a checkpoint manager (hs_scale.checkpoint) and a metrics logger.
+
+Preemption: SIGTERM, SIGINT and SIGUSR1 (what schedulers send before they kill: Slurm's `--signal`, Kubernetes,
+torchrun forwarding its own SIGTERM) only set a flag. At every step boundary the ranks agree on it with one
+all-reduce (any rank signalled = every rank stops at the same step), save a checkpoint and raise `Preempted`,
+which `hs-scale train` turns into exit code 75 (EX_TEMPFAIL: "try again"); rerunning resumes exactly. A second
+SIGINT stops at once (KeyboardInterrupt). Handlers are installed only in the main thread (Ray Train runs the loop
+in a worker thread: its restarts resume from the last reported checkpoint instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -21,6 +31,19 @@ class NonFiniteLossError(RuntimeError):
     """Raised after `train.max_nonfinite_steps` consecutive steps with a NaN/inf loss or gradient."""
 
 
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: the run stopped cleanly on a signal and resumes when rerun
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint (exit code EXIT_PREEMPTED)."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None):
+        saved = f"checkpoint saved at {checkpoint}" if checkpoint else "no checkpoint (nothing trained yet)"
+        super().__init__(f"stopped by {signal_name} at step {step}; {saved}; rerun the same command to resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
 class Trainer:
     def __init__(self, train_cfg: TrainConfig, selection_cfg, engine, source, logger: MetricsLogger | None,
                  checkpoints, config_dict: dict, is_main: bool, groups=None,
@@ -33,41 +56,48 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.last_table = None
+        self._signal: int | None = None  # the first preemption signal received (set by the handler only)
+        self._saved: tuple[int, str] | None = None  # (step, folder) of the last checkpoint this run wrote
 
     # ------------------------------------------------------------------------------------------ state
     def _trainer_state(self) -> dict:
         return {"step": self.step, "skipped_steps": self.skipped_steps,
                 "consecutive_nonfinite": self.consecutive_nonfinite, "data": self.source.state_dict()}
 
-    def save(self, metrics: dict | None = None) -> None:
+    def save(self, metrics: dict | None = None) -> str | None:
         if self.checkpoints is None:
-            return
+            return None
         engine = self.engine
         path = self.checkpoints.save(self.step, engine.checkpoint_model, engine.optimizer, engine.scheduler,
                                      extra_per_rank=self._trainer_state(), config=self.config_dict,
                                      groups=self.groups, metrics=_finite(metrics or {}))
+        self._saved = (self.step, str(path))
         if self.on_checkpoint is not None:
             self.on_checkpoint(str(path), self.step, metrics or {})
+        return str(path)
 
-    def restore(self, path: str | None = None) -> bool:
-        """Load the latest complete checkpoint (or `path`); False when there is nothing to resume."""
+    def restore(self, path: str | None = None, verify: bool = True) -> bool:
+        """Load the latest complete checkpoint (or `path`, verified unless told not to); False when there is none."""
         if self.checkpoints is None:
             return False
         args = (self.engine.checkpoint_model, self.engine.optimizer, self.engine.scheduler, self.groups)
-        loaded = self.checkpoints.load(path, *args) if path else self.checkpoints.load_latest(*args)
+        loaded = self.checkpoints.load(path, *args, verify=verify) if path else self.checkpoints.load_latest(*args)
         if loaded is None:
             return False
         step, state = loaded
         self.step = int(step)
         if state is None:  # a different data-parallel layout: the data cursor cannot carry over
-            raise RuntimeError(
+            raise ValueError(
                 f"checkpoint at step {step} was written with another data-parallel size; its data-loader state does "
-                "not apply here. Resume with the same parallel.data_parallel, or start a new run from its weights")
+                "not apply here. Resume with the same parallel.data_parallel (and number of processes), or start a "
+                f"new run from its weights: a new train.output_dir with --train.init_from {path or 'CHECKPOINT'}")
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.source.load_state_dict(state["data"])
         if self.is_main:
             print(f"resumed from step {step}", flush=True)
+            if self.logger is not None:
+                self.logger.mark_resume(self.step)
         return True
 
     # ------------------------------------------------------------------------------------------ steps
@@ -117,11 +147,55 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
+        with self._preemption_handlers():
+            return self._fit()
+
+    @contextlib.contextmanager
+    def _preemption_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+            if self._signal is None:
+                self._signal = signum
+                if self.is_main:
+                    print(f"\n{signal.Signals(signum).name} received: stopping at the end of this step to save a "
+                          "checkpoint (Ctrl-C again to stop without saving)", flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in PREEMPT_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank when any rank got a preemption signal (one all-reduce per step)."""
+        from hs_scale.checkpoint.ranks import any_rank, coords
+
+        return any_rank(self._signal is not None, coords(self.groups))
+
+    def _stop(self) -> None:
+        name = signal.Signals(self._signal).name if self._signal is not None else "a signal on another rank"
+        self._log("preempted", {"signal": name})
+        if self._saved is not None and self._saved[0] == self.step:  # this step's checkpoint is already written
+            path = self._saved[1]
+        else:
+            path = self.save() if self.step > 0 else None
+        raise Preempted(name, self.step, path)
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         start, window = time.perf_counter(), []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.is_main and cfg.progress_bar),
                    dynamic_ncols=True, mininterval=2.0)
         while self.step < cfg.steps:
+            if self._stop_requested():
+                bar.close()
+                self._stop()
             metrics = self.train_step()
             if metrics.get("skipped"):
                 self._log("skip", metrics)

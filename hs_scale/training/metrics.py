@@ -1,4 +1,10 @@
-"""Where metrics go: a JSONL log (one object per line), the console, and TensorBoard when installed."""
+"""Where metrics go: a JSONL log (one object per line), the console, and TensorBoard when installed.
+
+After a resume, the steps between the checkpoint and the last step logged before the interruption are trained
+again: `mark_resume` appends a {"kind": "resume", "step": S, "recomputed_until": M} line and every record of a
+step <= M logged afterwards carries "recomputed": true, so a reader keeps the last value of each step (or drops
+the superseded ones) instead of seeing unexplained duplicates.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ class MetricsLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self.echo = echo
+        self.recompute_until = -1
         self.tb_writer = None
         if tensorboard:
             try:
@@ -24,8 +31,28 @@ class MetricsLogger:
             except ImportError:  # tensorboard is a declared dependency; tolerate a minimal environment
                 self.tb_writer = None
 
+    def mark_resume(self, step: int) -> None:
+        """Record that training continues from checkpoint `step` (see module docstring)."""
+        last = -1
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a line cut by a kill mid-write: drop it
+                with self.path.open("r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+            for line in self.path.read_text().splitlines():
+                try:
+                    last = max(last, int(json.loads(line).get("step", -1)))
+                except (ValueError, TypeError, AttributeError):  # a line cut by a kill: skip it
+                    continue
+        self.recompute_until = last if last > step else -1
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": "resume", "step": step, "recomputed_until": max(last, step),
+                                "time": time.time()}) + "\n")
+
     def log(self, kind: str, step: int, values: dict) -> None:
         record = {"kind": kind, "step": step, "time": time.time(), **values}
+        if step <= self.recompute_until:
+            record["recomputed"] = True
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb_writer is not None:

@@ -2,6 +2,11 @@
 
     train(cfg)                                         # single process, or the launcher's world from env vars
     train(cfg, on_checkpoint=report, resume_from=dir)  # Ray Train: report checkpoints, resume after a failure
+
+Order of a start (hs_scale/training/resume.py for the decisions): rank 0 takes the output dir's lock
+(hs_scale/checkpoint/lock.py) and removes leftovers of killed saves; the ranks agree on what to start from (the
+latest verified checkpoint, checked against this config; `train.init_from` weights; nothing); only then rank 0
+writes config.yaml, so a refused run never overwrites the config of the run whose checkpoints are there.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from hs_scale.training.engine import StepEngine
 from hs_scale.training.loop import Trainer
 from hs_scale.training.metrics import MetricsLogger
 from hs_scale.training.model_parallel_engine import ModelParallelStepEngine
+from hs_scale.training.resume import load_init_weights, on_rank0, start_plan
 
 
 def _check_vocab(cfg: Config, source) -> None:
@@ -62,12 +68,29 @@ def _checkpoint_manager(cfg: Config, out: Path):
 def train(cfg: Config, *, on_checkpoint: Callable[[str, int, dict], None] | None = None,
           resume_from: str | None = None) -> dict:
     """Train as configured; returns the final evaluation. Rank 0 writes config, metrics, heatmaps and results."""
+    from hs_scale.checkpoint.lock import OutputDirLock
+    from hs_scale.checkpoint.ranks import coords
+
     env = init_distributed(cfg.train.device, cfg.parallel.timeout_minutes)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.train.output_dir)
+    world = coords(None)
+    lock = OutputDirLock(out, force=cfg.train.force_unlock)
+    on_rank0(lock.acquire, world)
+    try:
+        return _train(cfg, env, out, world, on_checkpoint, resume_from)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str | None) -> dict:
+    checkpoints = _checkpoint_manager(cfg, out)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints.clean_stale():  # safe: we hold the lock, nobody else is saving here
+            print(f"removed {stale.name}, left by an interrupted save", flush=True)
+    plan = start_plan(cfg, checkpoints, world, resume_from)
+    if env.is_main:
         (out / "config.yaml").write_text(dump_config(cfg))
     groups = _parallel_groups(cfg, env)
     dp_rank, dp_size = (0, 1) if groups is None else (groups.dp_rank, groups.dp_size)
@@ -79,27 +102,34 @@ def train(cfg: Config, *, on_checkpoint: Callable[[str, int, dict], None] | None
     if cfg.parallel.model_parallel > 1:
         engine = ModelParallelStepEngine(cfg.model, cfg.selection, cfg.parallel, cfg.train, groups, num_tasks,
                                          env.device)
+        if plan.init:
+            load_init_weights(*plan.init, engine.checkpoint_model, groups)
     else:
         model = build_model(cfg.model, cfg.selection, num_tasks=num_tasks).to(env.device)
+        if plan.init:  # before the engine: DeepSpeed/ZeRO copy the weights into their own master partitions
+            load_init_weights(*plan.init, model, groups)
         engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, None if groups is None else groups.dp,
                             source.pad_id, num_tasks, env.device)
+    if plan.init and env.is_main:
+        print(f"initialised from {plan.init[1]} (step 0, new optimizer)", flush=True)
     seed_everything(cfg.train.seed + 1000 * dp_rank)  # different dropout masks per replica
     logger = MetricsLogger(out) if env.is_main else None
-    trainer = Trainer(cfg.train, cfg.selection, engine, source, logger, _checkpoint_manager(cfg, out),
+    trainer = Trainer(cfg.train, cfg.selection, engine, source, logger, checkpoints,
                       cfg.to_dict(), env.is_main, groups, on_checkpoint)
-    if resume_from is not None:
-        trainer.restore(resume_from)
-    elif cfg.train.resume:
-        trainer.restore()
+    if plan.resume:
+        trainer.restore(plan.resume, verify=False)  # start_plan verified it
     result = trainer.fit()
     if env.is_main:
         table = engine.selection_table()
+        written = ["config.yaml", "metrics.jsonl", "result.json", "checkpoints/"]
         if table is not None:
             text = format_selection_table(table, source.task_names)
             (out / "selection.txt").write_text(text + "\n")
             print(text)
+            written += ["selection.txt", "heatmaps/"]
         (out / "result.json").write_text(json.dumps(result, indent=2))
+        if logger.tb_writer is not None:
+            written.append("tensorboard/")
         logger.close()
-        print(f"outputs in {out}: config.yaml metrics.jsonl selection.txt result.json heatmaps/ tensorboard/ "
-              "checkpoints/")
+        print(f"outputs in {out}: {' '.join(written)}")
     return result

@@ -20,3 +20,26 @@ fi
 # A port derived from the job id: concurrent jobs sharing a node do not collide.
 JOB_PORT=${JOB_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 echo "hs_scale: job ${SLURM_JOB_ID:-?} nodes=$NNODES head=$HEAD_NODE ($HEAD_ADDR) port=$JOB_PORT"
+
+# Preemption and time limits (docs/reliability.md). The templates ask for SIGUSR1 on this batch shell 90 s ahead
+# (`#SBATCH --signal=B:USR1@90`) and allow requeueing (`#SBATCH --requeue`). hs_run_preemptible runs the job
+# step in the background; on USR1 (or TERM) it sends SIGTERM to srun, which forwards it to the launcher (torchrun
+# / deepspeed) and on to every rank: the ranks agree at the next step boundary, save a checkpoint and exit 75.
+# The job is then requeued and its next start resumes from that checkpoint (the output dir's lock records the job
+# id, so the requeued job may take over a lock its previous run could not release).
+hs_run_preemptible() {
+  "$@" &
+  local pid=$! rc=0
+  HS_PREEMPTED=0
+  trap 'HS_PREEMPTED=1; echo "hs_scale: preemption/time-limit warning: asking every rank to save and stop"; kill -TERM "$pid" 2>/dev/null || true' USR1 TERM
+  while :; do
+    set +e; wait "$pid"; rc=$?; set -e
+    kill -0 "$pid" 2>/dev/null || break  # wait returns early when a trap runs: the step may still be saving
+  done
+  trap - USR1 TERM
+  if [[ "$HS_PREEMPTED" == 1 || "$rc" == 75 ]] && [[ "${HS_REQUEUE:-1}" == 1 ]]; then
+    echo "hs_scale: stopped at a checkpoint (exit $rc); requeueing job $SLURM_JOB_ID to resume"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  return "$rc"
+}

@@ -22,6 +22,7 @@ from ckpt_models import optimizer_for, small_s2t  # noqa: E402
 from hs_scale.checkpoint import (  # noqa: E402
     CheckpointCorruptError,
     CheckpointManager,
+    CheckpointSaveError,
     load_full_model_state,
     safe_io,  # noqa: E402
 )
@@ -102,13 +103,14 @@ def test_exception_mid_save_keeps_previous_latest(tmp_path, trained, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(safe_io, "save_tree", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointSaveError, match=r"step 2 failed: OSError: disk full; writing .*step_000000002\.tmp-"
+                       r".*last intact checkpoint is .*step_000000001"):
         ckpt.save(2, model, optimizer, scheduler)
     monkeypatch.undo()
     assert (tmp_path / "latest").read_text().strip() == "step_000000001"
-    assert [p.name for p in tmp_path.glob("step_000000002.tmp-*")]  # the half-written folder is left aside
+    assert not list(tmp_path.glob("step_000000002.tmp-*"))  # the failed save removed its half-written folder
     assert _load(tmp_path)[0] == 1
-    ckpt.save(2, model, optimizer, scheduler)  # the next save cleans up
+    ckpt.save(2, model, optimizer, scheduler)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000000001", "step_000000002"]
 
 

@@ -152,7 +152,7 @@ def test_resolve_checkpoints_picks_last_complete(tmp_path):
         folder.mkdir()
         if step != 400:  # the newest save did not finish: no COMPLETE marker
             (folder / "COMPLETE").write_text("{}")
-    picked = resolve_checkpoints(None, str(tmp_path), 2)
+    picked = resolve_checkpoints(None, str(tmp_path), 2, verify=False)  # fake markers: see tests/reliability
     assert [p.name for p in picked] == ["step_000000200", "step_000000300"]
     assert [str(p) for p in resolve_checkpoints(["x", "y"], None, 1)] == ["x", "y"]
     with pytest.raises(ValueError, match="must be >= 1"):

@@ -57,7 +57,7 @@ def test_import_cli_writes_a_loadable_model(tmp_path):
     from safetensors.torch import load_file
 
     sections = yaml.safe_load((tmp_path / "up" / "config.yaml").read_text())
-    assert sections["task_names"] == ["de", "fr"] and sections["selection"]["decoder_self"] is False
+    assert sections["data"]["tasks"] == ["de", "fr"] and sections["selection"]["decoder_self"] is False
     model = build_model(model_cfg("text").__class__(**sections["model"]), SelectionConfig(**sections["selection"]), 2)
     model.load_state_dict(load_file(str(tmp_path / "up" / "model.safetensors")), strict=True)
     b = eval_batch("text", 0)

@@ -66,9 +66,90 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
     for step, losses in got.items():
         assert all(loss == ref[step][0] for loss in losses), (step, losses, ref[step])  # bitwise: same floats
     assert any(len(v) == 2 for v in got.values()), "no step was re-run after the kill: resume point untested"
+    # metrics.jsonl says which records are recomputed steps: a resume marker, then "recomputed": true on each.
+    rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    (marker,) = [r for r in rows if r["kind"] == "resume"]
+    after = rows[rows.index(marker) + 1:]
+    assert marker["recomputed_until"] == killed_at
+    assert {r["step"] for r in after if r.get("recomputed")} == set(range(marker["step"] + 1, killed_at + 1))
 
     _, ref_state = load_full_model_state(reference / "checkpoints")
     _, got_state = load_full_model_state(interrupted / "checkpoints")
     assert ref_state.keys() == got_state.keys()
     for name in ref_state:
         assert torch.equal(ref_state[name], got_state[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ resume policy
+TINY = "tests/launchers/tiny_launch.yaml"
+
+
+def _cli(out: Path, *overrides: str) -> int:
+    from hs_scale.cli import main
+
+    return main(["train", "--config", TINY, "--train.output_dir", str(out), *overrides])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def six_steps(tmp_path):
+    out = tmp_path / "run"
+    assert _cli(out, "--train.steps", "6", "--train.save_every", "3") == 0
+    return out
+
+
+def test_resume_policy_never_and_must(six_steps, tmp_path, capsys):
+    assert _cli(six_steps, "--train.steps", "8", "--train.resume", "never") == 2
+    line = _error(capsys)
+    assert "train.resume=never but" in line and "(newest: step 6)" in line, line
+    assert _cli(tmp_path / "empty", "--train.resume", "must") == 2
+    assert "train.resume=must but there is no checkpoint" in _error(capsys)
+    assert _cli(six_steps, "--train.steps", "8", "--train.resume", "must") == 0
+    assert "resumed from step 6" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_changed_config_naming_each_field(six_steps, capsys):
+    before = (six_steps / "config.yaml").read_text()
+    assert _cli(six_steps, "--train.steps", "8", "--selection.strategy", "subset", "--train.lr", "0.001") == 2
+    line = _error(capsys)
+    assert "selection.strategy: checkpoint 'group', now 'subset'" in line, line
+    assert "train.lr: checkpoint 0.005, now 0.001" in line, line
+    assert (six_steps / "config.yaml").read_text() == before  # the refused run did not overwrite it
+    # Safe changes pass (steps raised, intervals, keep_last); an explicitly accepted one too.
+    assert _cli(six_steps, "--train.steps", "8", "--train.log_every", "2", "--train.keep_last", "2",
+                "--train.lr", "0.001", "--train.allow_config_change", "[train.lr]") == 0
+    assert "lr: 0.001" in (six_steps / "config.yaml").read_text()
+
+
+def test_fewer_steps_than_the_checkpoint_says_so(six_steps, capsys):
+    assert _cli(six_steps, "--train.steps", "4") == 2
+    line = _error(capsys)
+    assert "is at step 6, past train.steps=4: nothing to train. Raise --train.steps above 6" in line, line
+    assert _cli(six_steps, "--train.steps", "6") == 0
+    assert "already at train.steps=6: only the final evaluation runs" in capsys.readouterr().out
+
+
+def test_init_from_starts_a_new_run_from_weights(six_steps, tmp_path, capsys):
+    new = tmp_path / "new"
+    assert _cli(new, "--train.steps", "2", "--train.init_from", str(six_steps / "checkpoints"), "--train.lr",
+                "1e-12") == 0
+    assert "initialised from" in capsys.readouterr().out
+    _, theirs = load_full_model_state(six_steps / "checkpoints")
+    _, ours = load_full_model_state(new / "checkpoints")
+    assert json.loads((new / "checkpoints" / "step_000000002" / "meta.json").read_text())["step"] == 2  # step 0 + 2
+    for name, tensor in theirs.items():
+        if not name.endswith((".draws", ".temperature")):
+            torch.testing.assert_close(ours[name], tensor, atol=1e-8, rtol=0, msg=name)
+    # Rerunning the same command resumes the new run (init_from only applies to step 0).
+    assert _cli(new, "--train.steps", "3", "--train.init_from", str(six_steps / "checkpoints"), "--train.lr",
+                "1e-12") == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    # Weights of another model are refused, naming the fields.
+    assert _cli(tmp_path / "other", "--model.d_model", "64", "--train.init_from", str(six_steps)) == 2
+    assert "model.d_model: checkpoint 32, now 64" in _error(capsys)
