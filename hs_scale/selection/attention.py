@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hs_scale.selection.backends import KERNELS, resolve_backend
+from hs_scale.selection.backends import KERNELS, passes_probe, resolve_backend
 from hs_scale.selection.selector import HeadChoice
 
-log = logging.getLogger(__name__)
 
 
 class TaskSegments:
@@ -86,13 +85,8 @@ def grouped_mm_works() -> bool:
     """
     if not (hasattr(torch, "_grouped_mm") and torch.cuda.is_available()):
         return False
-    try:  # the first forward may run under no_grad / inference_mode (evaluation): the probe needs autograd
-        with torch.inference_mode(False), torch.enable_grad():
-            _probe_grouped_mm()
-    except Exception as err:  # noqa: BLE001 - any failure means "do not use it"
-        log.warning("torch._grouped_mm failed its probe (%s); mixed-task batches use the per-task loop", err)
-        return False
-    return True
+    return passes_probe(_probe_grouped_mm, "torch._grouped_mm failed its probe (%s); mixed-task batches use the "
+                                           "per-task loop")
 
 
 def _probe_grouped_mm(device: str = "cuda") -> None:

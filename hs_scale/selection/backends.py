@@ -194,11 +194,20 @@ def torch_varlen_works() -> bool:
     """
     if not (HAVE_TORCH_VARLEN and torch.cuda.is_available()):
         return False
-    try:  # the first forward may run under no_grad / inference_mode (evaluation): the probe needs autograd
+    return passes_probe(_probe_torch_varlen, "torch.nn.attention.varlen is present but failed a forward/backward "
+                                             "probe (%s); using SDPA")
+
+
+def passes_probe(probe: Callable[[], None], warning: str) -> bool:
+    """True when `probe()` raises nothing; otherwise log `warning % error` and return False.
+
+    The first forward may run under no_grad / inference_mode (evaluation): the probe needs autograd.
+    """
+    try:
         with torch.inference_mode(False), torch.enable_grad():
-            _probe_torch_varlen()
+            probe()
     except Exception as err:  # noqa: BLE001 - any failure means "do not use it"
-        log.warning("torch.nn.attention.varlen is present but failed a forward/backward probe (%s); using SDPA", err)
+        log.warning(warning, err)
         return False
     return True
 
