@@ -21,7 +21,6 @@ with one grouped GEMM (`torch._grouped_mm`: rows sorted by task, every present t
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,6 @@ from torch import Tensor, nn
 
 from hs_scale.selection.backends import KERNELS, passes_probe, resolve_backend
 from hs_scale.selection.selector import HeadChoice
-
 
 
 class TaskSegments:
