@@ -25,3 +25,8 @@ def ctc_loss_sum(ctc_logits_BSV: Tensor, encoder_lengths_B: Tensor, target_BL: T
     labels = target_BL[positions_BL < label_lengths_B[:, None]]  # concatenated labels, row after row
     return F.ctc_loss(log_probs_SBV, labels, encoder_lengths_B, label_lengths_B, blank=blank, reduction="sum",
                       zero_infinity=True)
+
+
+def hybrid_loss(ce_sum: Tensor, ctc_sum: Tensor, ctc_weight: float) -> Tensor:
+    """The hybrid CTC/attention objective (1 - ctc_weight) x CE + ctc_weight x CTC, both summed over the batch."""
+    return (1.0 - ctc_weight) * ce_sum + ctc_weight * ctc_sum

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hs_scale.models.ctc import ctc_loss_sum
+from hs_scale.models.ctc import ctc_loss_sum, hybrid_loss
 from hs_scale.parallel.layout import ParallelGroups, padded_vocab_size
 from hs_scale.parallel.vocab import (
     VocabParallelLMHead,
@@ -255,10 +255,9 @@ class PipelineChunk(nn.Module):
         assert y.shape[1] == L
         out = self.loss(self.decoder.layer_norm(y), batch.target)
         if getattr(self, "ctc_head", None) is not None:
-            w = self.model_config.ctc_weight
             ctc_sum = ctc_loss_sum(self.ctc_head(memory), (~mask_BS).sum(1), batch.target, batch.target_lengths,
                                    blank=self.model_config.pad_token_id)
-            out["loss_sum"] = (1.0 - w) * out["loss_sum"] + w * ctc_sum
+            out["loss_sum"] = hybrid_loss(out["loss_sum"], ctc_sum, self.model_config.ctc_weight)
             out["ctc_sum"] = ctc_sum.detach()
         return out
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hs_scale.models.ctc import ctc_loss_sum
+from hs_scale.models.ctc import ctc_loss_sum, hybrid_loss
 from hs_scale.parallel.data_parallel import wrap_deepspeed, wrap_megatron_ddp
 from hs_scale.parallel.layout import ParallelConfig
 from hs_scale.selection.config import SelectionConfig
@@ -88,7 +88,7 @@ def joint_loss_sum(model: nn.Module, batch, pad_id: int, label_smoothing: float,
     logits, ctc_logits, enc_lengths = model_logits(model, batch, return_ctc=True)
     ce_sum, nll = token_losses(logits, batch.target, pad_id, label_smoothing)
     ctc_sum = ctc_loss_sum(ctc_logits, enc_lengths, batch.target, batch.target_lengths, blank=pad_id)
-    return (1.0 - ctc_weight) * ce_sum + ctc_weight * ctc_sum, nll, ctc_sum.detach()
+    return hybrid_loss(ce_sum, ctc_sum, ctc_weight), nll, ctc_sum.detach()
 
 
 class StepEngine:
