@@ -82,7 +82,9 @@ class ModelConfig:
     """LM head reuses the decoder's embedding matrix (arch "text": the one table shared with the encoder)."""
 
     attention_backend: str = "sdpa"
-    """Kernel of the H-head attention: "sdpa" (PyTorch, CPU or GPU), "eager" (reference), "flash" (flash-attn)."""
+    """Kernel of the H-head attention: "sdpa" (PyTorch, CPU or GPU), "eager" (reference), "flash" (flash-attn),
+    "torch_varlen" (PyTorch's variable-length flash kernel, CUDA) or "auto" (the best available, chosen once and
+    logged; docs/gpu.md)."""
 
     init_std: float = 0.02
     """Std of the normal init of linear, conv and embedding weights (HF's init_std)."""
