@@ -169,7 +169,7 @@ class StepEngine:
 
     def _micro_loss(self, batch, global_tokens: float):
         """(scaled loss to backpropagate, nll sums per task [K], tokens per task [K], raw loss sum, CTC sum)."""
-        ctc_weight = getattr(self.module.config, "ctc_weight", 0.0)
+        ctc_weight = self.module.config.ctc_weight
         with self._autocast():
             loss_sum, nll, ctc_sum = joint_loss_sum(self.wrapped, batch, self.pad_id, self.cfg.label_smoothing,
                                                     ctc_weight)
@@ -227,7 +227,7 @@ class StepEngine:
     def _result(self, stats: torch.Tensor, global_tokens: float, grad_norm: float, skipped: bool) -> StepResult:
         """StepResult from the all-reduced [loss sum, CTC sum, nll per task (K), tokens per task (K)]."""
         K, n = self.num_tasks, max(global_tokens, 1.0)
-        ctc = float(stats[1]) / n if getattr(self.module.config, "ctc_weight", 0.0) > 0 else float("nan")
+        ctc = float(stats[1]) / n if self.module.config.ctc_weight > 0 else float("nan")
         return StepResult(float(stats[0]) / n, int(global_tokens), grad_norm, stats[2:2 + K], stats[2 + K:], skipped,
                           ctc)
 

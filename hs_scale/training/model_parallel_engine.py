@@ -62,7 +62,7 @@ class ModelParallelStepEngine:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         none = torch.zeros(self.num_tasks)
-        ctc = stats["ctc"] if getattr(self.engine.modules[0].model_config, "ctc_weight", 0.0) > 0 else float("nan")
+        ctc = stats["ctc"] if self.engine.modules[0].model_config.ctc_weight > 0 else float("nan")
         return StepResult(stats["loss"], int(stats["tokens"]), grad_norm, none, none, skipped, ctc)
 
     def evaluate(self, batches, task_names: list[str]) -> dict:
