@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from hs_scale.models.lm import LMConfig, LMModel
@@ -141,3 +142,32 @@ def test_bad_inputs_are_refused():
         LMModel(LMConfig(num_heads=4, num_kv_heads=2, hidden_size=32), SelectionConfig(pool_heads=6), 2)
     with pytest.raises(ValueError, match="num_kv_heads=3 must divide"):
         LMConfig(num_heads=4, num_kv_heads=3)
+
+
+def test_varlen_layout_packs_documents(monkeypatch):
+    """The varlen path (CUDA kernels) on CPU: cu_seqlens from document boundaries, and the packing around the
+    kernel, checked with a per-document SDPA standing in for torch.nn.attention.varlen.varlen_attn."""
+    import hs_scale.selection.gqa as gqa
+
+    layout = DocumentLayout.build(DOCS, 10, "torch_varlen")
+    assert layout.cu_seqlens.tolist() == [0, 4, 10, 13, 18, 20] and layout.max_len == 6
+    assert DocumentLayout.build(DOCS, 3, "torch_varlen").allowed_B1TS is not None  # cached steps use the mask
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa):
+        assert window_size == (-1, 0) and enable_gqa and max_q == max_k == 6
+        parts = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                                enable_gqa=True).transpose(0, 1)
+                 for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True)]
+        return torch.cat(parts)
+
+    monkeypatch.setattr(gqa, "varlen_attn", varlen_attn, raising=False)
+    monkeypatch.setattr(gqa, "_VARLEN_PARAMS", {"window_size": None, "enable_gqa": None}, raising=False)
+    torch.manual_seed(0)
+    attn = GQASelectedAttention(D, H, G, d, candidates=R)
+    choice = HeadSelector(K, 1, H * R, H, strategy="subset", partitions=G).train()()[0]
+    x = torch.randn(2, 10, D)
+    cos, sin = rope_tables(positions_in_documents(DOCS), d, 10000.0, x.dtype)
+    tokens = TaskSegments(TASKS.reshape(-1))
+    got = attn(x, cos, sin, layout, choice, tokens)
+    want = attn(x, cos, sin, DocumentLayout.build(DOCS, 10, "sdpa"), choice, tokens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
