@@ -60,3 +60,17 @@ def test_tp_size_must_divide_the_kv_heads():
     assert "model.num_kv_heads=2" in problem and "tensor_parallel=4" in problem
     with pytest.raises(ValueError, match="num_kv_heads"):
         shard_state_dict({}, cfg, 4, 0)
+
+
+def test_lm_config_file_builds_a_model():
+    from pathlib import Path
+
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "configs" / "lm_tiny.yaml").read_text())
+    cfg, sel = LMConfig(**raw["model"]), SelectionConfig(**raw["selection"])
+    model = LMModel(cfg, sel, num_tasks=8)
+    assert model.candidates == 2 and model.selector.logits.shape == (8, cfg.num_layers, 8)
+    assert check_tensor_parallel(cfg, 2) == []
+    logits = model(torch.zeros(1, 3, dtype=torch.long), task_BL=torch.tensor([5]))
+    assert logits.shape == (1, 3, cfg.vocab_size)
