@@ -31,10 +31,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def is_lm_folder(path: str | Path) -> bool:
-    """A HF folder of an importable decoder LM, or an hs_scale folder/checkpoint whose model is arch "lm"."""
+    """A HF folder of an importable decoder LM, or an hs_scale folder / checkpoint (step folder or root) whose
+    model is arch "lm"."""
     import json
 
     path = Path(path)
+    steps = sorted(path.glob("step_*/config.json"))
+    if steps and not (path / "config.json").is_file():  # a checkpoint root: every step has the run's config
+        path = steps[-1].parent
     if (path / "config.yaml").is_file():
         return (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model", {}).get("arch") == "lm"
     if (path / "config.json").is_file():
@@ -42,6 +46,18 @@ def is_lm_folder(path: str | Path) -> bool:
         from hs_scale.models.lm.hf import IMPORTABLE
 
         return raw.get("model_type") in IMPORTABLE or (raw.get("model") or {}).get("arch") == "lm"
+    return False
+
+
+def lm_target(argv: list[str] | None, flag: str) -> bool:
+    """Whether the folder given to ``flag`` (--model / --checkpoint) in a command line is an LM (is_lm_folder):
+    how hs_scale.export.cli decides to hand a command over to this module."""
+    args = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return is_lm_folder(arg.split("=", 1)[1])
+        if arg == flag and i + 1 < len(args):
+            return is_lm_folder(args[i + 1])
     return False
 
 
