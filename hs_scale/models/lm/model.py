@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from hs_scale.models.lm.config import LMConfig
@@ -137,6 +138,8 @@ class LMModel(nn.Module):
         self.layers = nn.ModuleList(LMDecoderLayer(cfg, self.candidates) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.checkpoint_activations = False
+        """Recompute each layer in backward (training without a cache); set by the trainer."""
         self.apply(self._init_weights)
 
     @torch.no_grad()
@@ -226,9 +229,12 @@ class LMModel(nn.Module):
             if cache is not None:
                 cache.choices = choices
         tokens = self._tokens(task_BL, B, L)
+        recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x_BLD = layer(x_BLD, cos_BLd, sin_BLd, layout, None if choices is None else choices[i], tokens,
-                          None if cache is None else cache.layers[i])
+            args = (x_BLD, cos_BLd, sin_BLd, layout, None if choices is None else choices[i], tokens,
+                    None if cache is None else cache.layers[i])
+            # Non-reentrant checkpointing: the choice (drawn once above) and the layout are reused as they are.
+            x_BLD = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         if cache is not None:
             cache.doc_ids_BS = docs_BS
         return self.norm(x_BLD)
