@@ -22,6 +22,7 @@ its ``model.`` prefix (``hs_scale.models.lm.hf`` converts both ways); the select
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,13 +52,32 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rope_tables(position_ids_BL: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, L, d] of Llama's default RoPE, computed in fp32 (as transformers does) and cast to dtype.
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None) -> Tensor:
+    """Inverse frequencies [d/2] of Llama's RoPE, with Llama 3's scaling when ``scaling`` is given (as
+    transformers' _compute_llama3_parameters: wavelengths longer than the original context divided by ``factor``,
+    shorter than original/high_freq_factor kept, a linear blend in between)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(
+    position_ids_BL: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: dict | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, L, d] of Llama's RoPE, computed in fp32 (as transformers does) and cast to dtype.
 
     The inverse frequencies are recomputed each forward (d/2 values) rather than kept in a buffer, so that
     ``model.to(bfloat16)`` cannot round them.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BL.device).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids_BL.device)
     freqs_BLh = position_ids_BL[..., None].float() * inv_freq
     emb_BLd = torch.cat((freqs_BLh, freqs_BLh), dim=-1)
     return emb_BLd.cos().to(dtype), emb_BLd.sin().to(dtype)
@@ -222,7 +242,8 @@ class LMModel(nn.Module):
         x_BLD = self.embed_tokens(input_ids_BL)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_BLD.dtype
         layout = DocumentLayout.build(docs_BS, L, resolve_backend(cfg.attention_backend, device, dtype))
-        cos_BLd, sin_BLd = rope_tables(position_ids_BL, cfg.head_dim, cfg.rope_theta, x_BLD.dtype)
+        cos_BLd, sin_BLd = rope_tables(position_ids_BL, cfg.head_dim, cfg.rope_theta, x_BLD.dtype,
+                                       cfg.rope_scaling)
         choices = None
         if self.selector is not None:
             choices = cache.choices if cache is not None and cache.choices is not None else self.selector()
