@@ -183,6 +183,10 @@ class GQASelectedAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.pool_heads * head_dim, hidden_size, bias=o_bias)
+        # NOTE: a pooled layer never calls o_proj as a module (it projects with gathered columns), so a forward
+        # pre-hook on o_proj would miss it; this identity is the hook point for head masks (LAHIS) in every layer.
+        self.slot_outputs = nn.Identity()
+        """Called on [B, T, H*d]: the H slots' attention outputs (slot h at [h*d, (h+1)*d)) before o_proj."""
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, candidates={self.candidates}, "
@@ -248,7 +252,7 @@ class GQASelectedAttention(nn.Module):
             cache["k"], cache["v"] = k_BGTd, v_BGTd
 
         out_BHTd = gqa_attention(q_BHTd, k_BGTd, v_BGTd, layout)
-        out_ND = out_BHTd.transpose(1, 2).reshape(B * T, H * d)
+        out_ND = self.slot_outputs(out_BHTd.transpose(1, 2).reshape(B, T, H * d)).reshape(B * T, H * d)
         if choice is None:
             return self.o_proj(out_ND).view(B, T, D)
         y_ND = self._per_task(lambda t, rows: F.linear(rows, self._o_weights(choice, t)), out_ND, tokens)

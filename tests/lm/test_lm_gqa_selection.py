@@ -183,3 +183,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_slot_outputs_hook_fires_in_pooled_layers():
+    """Pooled layers project with gathered o_proj columns (o_proj is never called); the head-mask hook point is."""
+    model = tiny_lm()
+    ids = torch.randint(0, 50, DOCS.shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = model(ids, task_BL=TASKS, doc_ids_BL=DOCS)
+        seen = []
+        model.layers[0].self_attn.slot_outputs.register_forward_pre_hook(
+            lambda module, args: seen.append(args[0].shape) or (args[0] * 0,))
+        after = model(ids, task_BL=TASKS, doc_ids_BL=DOCS)
+    assert seen == [(2, 10, H * d)] and not torch.allclose(before, after)

@@ -86,3 +86,19 @@ def test_packed_documents_equal_separate_rows():
         packed = ours(torch.cat([a, b], dim=1), doc_ids_BL=docs)
         torch.testing.assert_close(packed[:, :5], hf(a).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(packed[:, 5:], hf(b).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_slot_outputs_hook_masks_heads_like_an_o_proj_pre_hook_on_llama():
+    """The head-mask hook point (LAHIS): scaling slot outputs equals transformers' o_proj pre-hook."""
+    hf = random_hf(tiny_llama())
+    ours = ours_from_hf(hf)
+    mask_H = torch.tensor([1.0, 0.0, 0.5, 1.0]).repeat_interleave(8)
+
+    def scale(module, args):
+        return (args[0] * mask_H,)
+
+    hf.model.layers[1].self_attn.o_proj.register_forward_pre_hook(scale)
+    ours.layers[1].self_attn.slot_outputs.register_forward_pre_hook(scale)
+    ids_BL = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids_BL), hf(ids_BL).logits, atol=1e-5, rtol=1e-5)
