@@ -39,3 +39,9 @@ def test_import_then_export_a_language(tmp_path, capsys):
         torch.testing.assert_close(exported(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
     assert main_export(["--checkpoint", str(tmp_path / "pool"), "--task", "zz", "--out", str(tmp_path / "z")]) == 2
     assert "unknown task 'zz'" in capsys.readouterr().err
+
+    assert main_export(["--checkpoint", str(tmp_path / "pool"), "--all-tasks", "--out", str(tmp_path / "all")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["a", "b", "c"]
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "all" / "b").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, exported(x).logits, atol=0, rtol=0)

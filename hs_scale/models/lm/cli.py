@@ -7,7 +7,9 @@ import-hf writes config.yaml (model: LMConfig, selection, data.tasks), model.saf
 included), the source's tokenizer files and a COMPLETE marker (size + sha256 per file), like the encoder-decoder
 import. --scores: per-task head importance (e.g. LAHIS) as safetensors: one [tasks, layers, heads] tensor, or one
 [layers, heads] tensor per task name; it sets the initial selection (hs_scale.models.lm.hf.selector_logits).
-export-hf reads an import-hf folder or a training checkpoint and writes the task's LlamaForCausalLM folder.
+export-hf reads an import-hf folder or a training checkpoint and writes the task's LlamaForCausalLM folder
+(--all-tasks: one such folder per task, OUT/<task>/; a single remote-code model with every task is not
+implemented for LMs).
 Both write into a temporary sibling of --out and rename it into place (hs_scale.export.cli.staged_output).
 """
 
@@ -142,7 +144,10 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hs-scale export-hf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="import-hf output or training checkpoint of an LM")
-    p.add_argument("--task", required=True, help="task (language) to export")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="task (language) to export")
+    which.add_argument("--all-tasks", action="store_true",
+                       help="every task, each as its own LlamaForCausalLM in OUT/<task>/")
     p.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
     p.add_argument("--tokenizer", help="folder whose tokenizer files are copied (default: --checkpoint)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
@@ -157,13 +162,18 @@ def main_export(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
     try:
         model, tasks, _ = load_lm(args.checkpoint, verify=not args.no_verify)
-        if args.task not in tasks:
+        if args.task is not None and args.task not in tasks:
             raise ValueError(f"unknown task {args.task!r}; this model's tasks are {tasks}")
+        tokenizer, dtype = args.tokenizer or args.checkpoint, DTYPES.get(args.dtype)
         with staged_output(args.out, args.overwrite) as out:
-            export_task(model, tasks.index(args.task), out, tokenizer_from=args.tokenizer or args.checkpoint,
-                        dtype=DTYPES.get(args.dtype))
+            if args.all_tasks:
+                for i, name in enumerate(tasks):
+                    export_task(model, i, Path(out) / name, tokenizer_from=tokenizer, dtype=dtype)
+            else:
+                export_task(model, tasks.index(args.task), out, tokenizer_from=tokenizer, dtype=dtype)
     except _user_errors() as err:
         print(f"hs-scale export-hf: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} (task {args.task}: LlamaForCausalLM)")
+    which = f"task {args.task}" if args.task else f"tasks {', '.join(tasks)}, one folder each"
+    print(f"wrote {args.out} ({which}: LlamaForCausalLM)")
     return 0
