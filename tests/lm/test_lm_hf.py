@@ -66,14 +66,24 @@ def test_selector_warm_start_rule():
 
 
 def trained_pool(folder):
-    """An upcycled model whose copies and selection have diverged, as after training."""
-    model = import_hf(folder, SelectionConfig(strategy="group", pool_heads=H * R), num_tasks=K)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "o_proj" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-        model.selector.logits.normal_(0, 3)
+    """Upcycled with a LAHIS-style warm start, then trained a few steps (next-token loss, mixed-language packed
+    rows, Gumbel draws) so that the copies and the selection diverge per task."""
+    scores = torch.rand(K, LAYERS, H, generator=torch.Generator().manual_seed(7))
+    model = import_hf(folder, SelectionConfig(strategy="group", pool_heads=H * R), num_tasks=K, scores=scores)
+    optim = torch.optim.Adam(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(8)
+    docs = torch.tensor([[0] * 6 + [1] * 6, [0] * 4 + [1] * 8])
+    tasks = torch.tensor([[0] * 6 + [1] * 6, [2] * 4 + [1] * 8])
+    model.train()
+    for _ in range(4):
+        x = torch.randint(0, 61, (2, 12), generator=gen)
+        logits = model(x, task_BL=tasks, doc_ids_BL=docs)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    q = model.layers[0].self_attn.q_proj.weight.view(H, R, -1)
+    assert not torch.allclose(q[:, 0], q[:, 1])  # the copies have diverged
     return model.eval()
 
 
