@@ -75,16 +75,20 @@ def positions_in_documents(doc_BS: Tensor) -> Tensor:
 class DocumentLayout:
     """How one forward's queries see keys; built once per model forward, shared by every layer.
 
+    ``backend``: the kernel that runs ("sdpa", "eager", "flash" or "torch_varlen").
     mask mode (``allowed_B1TS``): bool [B, 1, T, S], True where query t may attend to key s: same document and
     not in the future (the T queries are the last T of the S keys).
     varlen mode (``cu_seqlens``): int32 [num_docs + 1] offsets of the documents in the N flattened tokens, and
     ``max_len`` the longest document; only without a cache (queries == keys).
+    neither: every row is one document, so plain causal attention (``causal``, when T == S) or none (T == 1)
+    is exact; SDPA then picks its fused kernels, which an explicit mask would rule out on GPU.
     """
 
     backend: str
     allowed_B1TS: Tensor | None = None
     cu_seqlens: Tensor | None = None
     max_len: int = 0
+    causal: bool = False
 
     @classmethod
     def build(cls, doc_BS: Tensor, num_queries: int, backend: str) -> DocumentLayout:
@@ -96,6 +100,9 @@ class DocumentLayout:
         B, S = doc_BS.shape
         T = num_queries
         run_BS, starts_BS = document_runs(doc_BS)
+        dense_backend = "eager" if backend == "eager" else "sdpa"
+        if (T == S or T == 1) and not bool(starts_BS[:, 1:].any()):  # one document per row (one host sync)
+            return cls(dense_backend, causal=T > 1)
         if backend in VARLEN_BACKENDS and T == S:
             starts_N = starts_BS.reshape(-1)
             bounds = torch.cat([starts_N.nonzero().squeeze(1), torch.tensor([B * S], device=doc_BS.device)])
@@ -103,7 +110,7 @@ class DocumentLayout:
         same_doc_BTS = run_BS[:, S - T :, None] == run_BS[:, None, :]
         device = doc_BS.device
         causal_TS = torch.arange(S, device=device)[None, :] <= torch.arange(S - T, S, device=device)[:, None]
-        return cls("eager" if backend == "eager" else "sdpa", allowed_B1TS=(same_doc_BTS & causal_TS)[:, None])
+        return cls(dense_backend, allowed_B1TS=(same_doc_BTS & causal_TS)[:, None])
 
 
 # --- kernels ------------------------------------------------------------------------------------------------------
@@ -118,8 +125,14 @@ def gqa_attention(q_BHTd: Tensor, k_BGSd: Tensor, v_BGSd: Tensor, layout: Docume
         n = q_BHTd.shape[1] // k_BGSd.shape[1]
         k, v = k_BGSd.repeat_interleave(n, dim=1), v_BGSd.repeat_interleave(n, dim=1)
         scores = q_BHTd @ k.transpose(-1, -2) / math.sqrt(q_BHTd.shape[-1])
-        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask, enable_gqa=True)
+        if layout.causal:
+            T = scores.shape[-1]
+            mask = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask, is_causal=layout.causal,
+                                          enable_gqa=True)
 
 
 def _varlen(q_BHTd: Tensor, k_BGSd: Tensor, v_BGSd: Tensor, layout: DocumentLayout) -> Tensor:

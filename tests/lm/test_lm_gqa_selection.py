@@ -196,3 +196,19 @@ def test_slot_outputs_hook_fires_in_pooled_layers():
             lambda module, args: seen.append(args[0].shape) or (args[0] * 0,))
         after = model(ids, task_BL=TASKS, doc_ids_BL=DOCS)
     assert seen == [(2, 10, H * d)] and not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_one_document_per_row_takes_the_unmasked_path_exactly(backend):
+    """Rows of a single document skip the mask (is_causal / no mask); same result as the explicit mask."""
+    torch.manual_seed(0)
+    attn = GQASelectedAttention(D, H, G, d)
+    x = torch.randn(2, 6, D)
+    docs = torch.zeros(2, 6, dtype=torch.long)
+    cos, sin = rope_tables(positions_in_documents(docs), d, 10000.0, x.dtype)
+    fast = DocumentLayout.build(docs, 6, backend)
+    assert fast.allowed_B1TS is None and fast.causal
+    explicit = DocumentLayout(backend, allowed_B1TS=torch.ones(6, 6, dtype=torch.bool).tril()[None, None])
+    torch.testing.assert_close(attn(x, cos, sin, fast), attn(x, cos, sin, explicit), atol=1e-6, rtol=1e-6)
+    step = DocumentLayout.build(docs, 1, backend)  # one decoding step over 6 cached keys: nothing to mask
+    assert step.allowed_B1TS is None and not step.causal
