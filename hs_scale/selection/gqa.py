@@ -23,7 +23,8 @@ after attention, with its task's gathered o_proj columns, into which the straigh
 (the output projection is linear in each head's output, so w * o_h == (w * W_o[:, h]) o_h: H*d*D multiplies instead
 of N*H*d). Attention itself is ONE H-head GQA kernel call over the whole batch, causal and within-document:
 SDPA with a block-diagonal causal mask (CPU, or any cached decoding step), or a varlen kernel over packed documents
-(flash-attn / torch.nn.attention.varlen on CUDA) with cu_seqlens from document boundaries. No kernel sees the pool.
+(flash-attn / torch.nn.attention.varlen on CUDA) with cu_seqlens from document boundaries; rows holding one
+document each run unmasked (SDPA is_causal). No kernel sees the pool.
 """
 
 from __future__ import annotations
