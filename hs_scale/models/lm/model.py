@@ -244,12 +244,12 @@ class LMModel(nn.Module):
         layout = DocumentLayout.build(docs_BS, L, resolve_backend(cfg.attention_backend, device, dtype))
         cos_BLd, sin_BLd = rope_tables(position_ids_BL, cfg.head_dim, cfg.rope_theta, x_BLD.dtype,
                                        cfg.rope_scaling)
+        tokens = self._tokens(task_BL, B, L)  # before the draw: a refused input must not consume one
         choices = None
         if self.selector is not None:
             choices = cache.choices if cache is not None and cache.choices is not None else self.selector()
             if cache is not None:
                 cache.choices = choices
-        tokens = self._tokens(task_BL, B, L)
         recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             args = (x_BLD, cos_BLd, sin_BLd, layout, None if choices is None else choices[i], tokens,
