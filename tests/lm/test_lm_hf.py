@@ -87,9 +87,14 @@ def trained_pool(folder):
     return model.eval()
 
 
-def test_export_task_loads_in_transformers_and_matches(dense_folder, tmp_path):
+@pytest.fixture(scope="module")
+def trained(dense_folder):
+    return trained_pool(dense_folder[0])
+
+
+def test_export_task_loads_in_transformers_and_matches(dense_folder, trained, tmp_path):
     folder, _ = dense_folder
-    model = trained_pool(folder)
+    model = trained
     assert model.head_selection_table()[1] != model.head_selection_table()[2]
     out = export_task(model, 1, tmp_path / "task1", tokenizer_from=folder)
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin")) == ["model.safetensors"]
@@ -129,9 +134,8 @@ def test_export_of_a_qwen2_import_with_left_padded_generation(tmp_path):
     assert got.tolist() == want.tolist()
 
 
-def test_sampling_is_seeded_and_stops_at_eos(dense_folder):
-    folder, _ = dense_folder
-    model = trained_pool(folder)
+def test_sampling_is_seeded_and_stops_at_eos(trained):
+    model = trained
     prompt, task = ids(B=2, L=4, seed=6), torch.tensor([0, 2])
     a = generate(model, prompt, task, max_new_tokens=10, do_sample=True, top_k=5, seed=3, eos_token_id=None)
     b = generate(model, prompt, task, max_new_tokens=10, do_sample=True, top_k=5, seed=3, eos_token_id=None)
