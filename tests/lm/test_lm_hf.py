@@ -38,6 +38,7 @@ def test_upcycled_pool_computes_the_dense_model(dense_folder, strategy):
     folder, hf = dense_folder
     scores = torch.rand(K, LAYERS, H, generator=torch.Generator().manual_seed(4))
     model = import_hf(folder, SelectionConfig(strategy=strategy, pool_heads=H * R), num_tasks=K, scores=scores)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}  # built on meta, all loaded
     x = ids()
     with torch.no_grad():
         want = hf(x).logits

@@ -243,17 +243,22 @@ def import_hf(
     selection: SelectionConfig | None = None,
     num_tasks: int = 1,
     scores: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
     **config_overrides,
 ) -> LMModel:
     """An LMModel from a dense HF Llama / Mistral / Qwen2 folder, upcycled into selection.pool_heads / H
     candidates per slot, selector logits from ``selector_logits`` (``scores``: [K, layers, H] or None).
 
+    dtype: of the model's weights (fp32 master weights by default; the selector logits stay fp32).
     config_overrides: LMConfig fields to change (e.g. attention_backend="flash").
+    The model is built on the meta device and takes the checkpoint's tensors: no random init of billions of
+    weights that would be overwritten anyway.
     """
     hf_config, hf_state = load_hf_folder(folder)
     cfg = lm_config_from_hf(hf_config, **config_overrides)
-    model = LMModel(cfg, selection, num_tasks)
-    state = {our_name(k): v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
+    with torch.device("meta"):
+        model = LMModel(cfg, selection, num_tasks)
+    state = {our_name(k): v.to(dtype) for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     if model.candidates > 1:
@@ -262,10 +267,11 @@ def import_hf(
         sel = model.selection_config
         state["selector.logits"] = selector_logits(num_tasks, cfg.num_layers, cfg.num_heads, model.candidates,
                                                    scores, sel.init_low, sel.init_high, seed=sel.seed)
+        state["selector.draws"] = torch.zeros((), dtype=torch.long)
+        state["selector.temperature"] = torch.tensor(float(sel.temperature))
     elif scores is not None:
         raise ValueError("head scores were given but selection is off; enable selection to warm-start it")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "selector.draws" and k != "selector.temperature"]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the {hf_config.model_type} layout "
                          f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
