@@ -86,6 +86,8 @@ def import_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="group", choices=["group", "subset"])
     p.add_argument("--scores", help="per-task head importance (safetensors) for the initial selection")
     p.add_argument("--seed", type=int, default=0, help="selection noise seed (and random warm start without scores)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="weight dtype of the pool (selector logits stay float32)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     return p
 
@@ -103,7 +105,7 @@ def main_import(argv: list[str] | None = None) -> int:
             raise ValueError(f"--tasks {args.tasks!r}: give each task name once, in task-id order")
         selection = SelectionConfig(strategy=args.strategy, pool_heads=args.pool_size, seed=args.seed)
         scores = load_scores(args.scores, tasks) if args.scores else None
-        model = import_hf(args.model, selection, len(tasks), scores)
+        model = import_hf(args.model, selection, len(tasks), scores, dtype=DTYPES[args.dtype])
         sections = {"model": dataclasses.asdict(model.config), "selection": dataclasses.asdict(selection),
                     "data": {"tasks": tasks, "task_key": selection.task_key, "modality": "text"}}
         with staged_output(args.out, args.overwrite) as out:
