@@ -100,7 +100,7 @@ def adapt_mask(model: torch.nn.Module, scores_LH: torch.Tensor, train: Sequence[
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += float(loss.detach())
             losses.append(total / len(train))
     model.train(was_training)
     return {"mask": _mask(theta.detach(), heads, L, H).cpu(), "heads": heads, "losses": losses}

@@ -98,7 +98,7 @@ def frozen(model: torch.nn.Module):
     try:
         yield model
     finally:
-        for p, flag in zip(model.parameters(), flags):
+        for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
 
 

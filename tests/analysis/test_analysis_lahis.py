@@ -29,7 +29,7 @@ def _doc_loss(model, doc, params=None):
 def _masked_weights(model, m_LH):
     """The model's parameters with every o_proj weight's head columns scaled by m (no hook involved)."""
     params = dict(model.named_parameters())
-    H, D = m_LH.shape[1], model.config.hidden_size // m_LH.shape[1]
+    D = model.config.hidden_size // m_LH.shape[1]
     for i, layer in enumerate(model.model.layers):
         name = f"model.layers.{i}.self_attn.o_proj.weight"
         params[name] = layer.self_attn.o_proj.weight * m_LH[i].repeat_interleave(D)[None, :]
