@@ -58,3 +58,28 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert main(["heads", "nope"]) == 2
+
+
+def test_plot_of_a_selection_checkpoint(tmp_path):
+    """Figs 3-4 of a head-selection encoder-decoder checkpoint, through hs_scale.selection.analysis."""
+    from hs_scale.checkpoint import CheckpointManager
+    from hs_scale.config import Config
+    from hs_scale.models import ModelConfig, build_model
+    from hs_scale.selection.config import SelectionConfig
+    from hs_scale.training.synthetic import SyntheticConfig
+
+    synth = SyntheticConfig(rules=["copy", "reverse", "shift"], num_symbols=8, min_len=3, max_len=6, batch_size=4)
+    model_cfg = ModelConfig(arch="text", d_model=16, encoder_layers=1, decoder_layers=1, num_heads=2, ffn_dim=16,
+                            vocab_size=synth.vocab_size, dropout=0.0)
+    selection = SelectionConfig(strategy="group", pool_heads=4)
+    torch.manual_seed(0)
+    model = build_model(model_cfg, selection, num_tasks=3)
+    CheckpointManager(tmp_path / "ckpt").save(1, model, config=Config(model=model_cfg, selection=selection,
+                                                                       synthetic=synth).to_dict())
+    assert main(["heads", "plot", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "figs")]) == 0
+    types = model.head_selection_table()
+    for attn_type in types:
+        assert (tmp_path / "figs" / attn_type / "shared_heads.png").exists()
+        assert (tmp_path / "figs" / attn_type / "load_histogram.png").exists()
+    assert (tmp_path / "figs" / "all" / "shared_heads.png").exists() == (len(types) > 1)
+    assert main(["heads", "plot", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
