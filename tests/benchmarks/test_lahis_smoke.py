@@ -7,10 +7,16 @@ import math
 
 
 def test_lahis_benchmark_smoke(tmp_path):
+    import torch
+
     from benchmarks import lahis as bench
 
     out = tmp_path / "r.json"
-    assert bench.main(["--smoke", "--json", str(out), "--figures", str(tmp_path / "figs")]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--smoke", "--json", str(out), "--figures", str(tmp_path / "figs")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets one thread
     r = json.loads(out.read_text())
     assert len(r["languages"]) == 4 and r["training"]["steps"] == 20
     for v in r["languages"].values():
