@@ -178,6 +178,7 @@ def parse(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
