@@ -7,6 +7,7 @@
     hs-scale export-hf --checkpoint DIR --task T --out DIR   dense per-task Hugging Face model (or --all-tasks)
     hs-scale import-hf --model DIR --pool-size P --tasks a,b --out DIR   upcycle a dense HF model
     hs-scale demo                                       the built-in multilingual ASR demo (make demo)
+    hs-scale heads importance|adapt|plot ...            LAHIS head importance, soft head-mask adaptation, head figures
 
 Exit codes of `train`: 0 done; 2 refused (bad config, corrupt checkpoint, locked output dir, incompatible
 resume, failed save: one `error: ...` line on rank 0, no traceback; HS_SCALE_TRACEBACK=1 shows it); 75 stopped
@@ -31,6 +32,7 @@ _DELEGATED = {
     "export-hf": ("hs_scale.export.cli", "main_export"),
     "import-hf": ("hs_scale.export.cli", "main_import"),
     "demo": ("hs_scale.demo", "main"),
+    "heads": ("hs_scale.analysis.cli", "main"),
 }
 
 
