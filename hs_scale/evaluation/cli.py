@@ -2,6 +2,12 @@
 
     hs-scale evaluate --checkpoint runs/x/checkpoints/step_000010000 --split valid --beam 5 --out eval.json
     hs-scale evaluate --checkpoint-root runs/x/checkpoints --average-last 10 --metric wer --out eval.json
+    hs-scale evaluate --checkpoint /abs/runs/x/checkpoints --data.manifest /data/other_corpus   # any --data.FIELD
+
+Relative data paths stored in the checkpoint's config (data.manifest, data.tokenizer) are read from the current
+folder when they exist there, else from the folder the training ran in (the checkpoint path minus
+`<train.output_dir>/checkpoints/step_*`), so a run evaluates from anywhere. `--data.FIELD VALUE` overrides any
+data field (another corpus, split layout or tokenizer); other sections are the checkpoint's and cannot change.
 
 Checkpoints are read with ``hs_scale.checkpoint.load_full_model_state`` (imported only when needed, so this module
 and everything below it import without the checkpoint stack), which verifies each one (COMPLETE marker + sha256)
@@ -58,10 +64,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default="tgt_task", choices=("tgt_task", "src_task"), help="per-task key")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", metavar="JSON", help="write the results here")
-    p.add_argument("--keep-outputs", action="store_true", help="include every hypothesis/reference in --out")
+    p.add_argument("--keep-outputs", action="store_true",
+                   help="include every utterance's key, hypothesis and reference in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true",
                    help="load checkpoints even if they fail their checksum (at your own risk)")
     return p
+
+
+def data_overrides(extra: list[str]) -> dict:
+    """`--data.FIELD VALUE` arguments -> {"data": {...}}; anything else is refused with the reason."""
+    from hs_scale.config import ConfigError, parse_overrides
+
+    try:
+        tree = parse_overrides(extra)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    for section, value in tree.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"unrecognized argument --{section} (see hs-scale evaluate --help)")
+        if section != "data":
+            raise ValueError(f"--{section}.*: evaluate takes the model, selection and training config from the "
+                             "checkpoint; only --data.FIELD overrides are accepted")
+    return tree
+
+
+def training_folder(checkpoint: Path, output_dir: str) -> Path | None:
+    """The folder training ran in, if `checkpoint` (absolute or not) ends in <output_dir>/checkpoints[/step_*]."""
+    out = Path(output_dir)
+    if out.is_absolute():
+        return None
+    path = checkpoint.resolve()
+    if path.name.startswith("step_"):
+        path = path.parent
+    if path.name != "checkpoints":
+        return None
+    run_dir = path.parent
+    parts = out.parts
+    if tuple(run_dir.parts[-len(parts):]) != parts:
+        return None
+    return Path(*run_dir.parts[: -len(parts)]) if len(run_dir.parts) > len(parts) else Path("/")
+
+
+def rebase_data_paths(config_dict: dict, checkpoint: Path) -> dict:
+    """config_dict with relative data.manifest / data.tokenizer that do not exist here read from the training folder."""
+    from hs_scale.data import urls
+
+    if not config_dict.get("data"):
+        return config_dict
+    data = dict(config_dict["data"])
+    base = training_folder(checkpoint, (config_dict.get("train") or {}).get("output_dir", ""))
+    if base is None:
+        return config_dict
+    for field in ("manifest", "tokenizer"):
+        value = data.get(field) or ""
+        local = urls.local_path(value) if value else None
+        if local is None or Path(local).is_absolute() or Path(local).exists():
+            continue
+        if (base / local).exists():
+            data[field] = str(base / local)
+    return {**config_dict, "data": data}
 
 
 def resolve_checkpoints(checkpoints: list[str] | None, root: str | None, last_n: int,
@@ -94,11 +156,12 @@ def resolve_checkpoints(checkpoints: list[str] | None, root: str | None, last_n:
 
 
 def load_model(paths: list[Path], load_fn: LoadFn | None = None, device: str | torch.device = "cpu",
-               verify: bool = True):
+               verify: bool = True, overrides: dict | None = None):
     """(Config, model in eval mode, task names) from the average of the checkpoints at ``paths``.
 
     ``load_fn(path, like=model)`` -> (config dict, state dict); default ``load_full_model_state``. The first
-    checkpoint is read once more to learn the config the model is built from.
+    checkpoint is read once more to learn the config the model is built from. ``overrides`` ({"data": {...}})
+    replace data fields; relative data paths are rebased (`rebase_data_paths`).
     """
     from hs_scale.config import config_from_dict
     from hs_scale.models import build_model
@@ -110,6 +173,9 @@ def load_model(paths: list[Path], load_fn: LoadFn | None = None, device: str | t
 
         load_fn = partial(load_full_model_state, verify=verify)
     config_dict, _ = load_fn(paths[0])
+    config_dict = rebase_data_paths(config_dict, paths[0])
+    if (overrides or {}).get("data"):
+        config_dict = {**config_dict, "data": {**(config_dict.get("data") or {}), **overrides["data"]}}
     cfg = config_from_dict(config_dict)
     task_names = task_names_of(cfg)
     model = build_model(cfg.model, cfg.selection, num_tasks=len(task_names))
@@ -165,8 +231,9 @@ def run(args: argparse.Namespace, load_fn: LoadFn | None = None) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     verify = not getattr(args, "no_verify", False)
+    overrides = data_overrides(getattr(args, "overrides", []))
     paths = resolve_checkpoints(args.checkpoint, args.checkpoint_root, args.average_last, verify)
-    cfg, model, task_names = load_model(paths, load_fn, device, verify)
+    cfg, model, task_names = load_model(paths, load_fn, device, verify, overrides)
     batches, decode, metric = eval_inputs(cfg, args.split, args.metric)
     result = evaluate(
         model,
@@ -181,6 +248,7 @@ def run(args: argparse.Namespace, load_fn: LoadFn | None = None) -> dict:
         group_by=args.group_by,
         device=device,
         keep_outputs=args.keep_outputs,
+        progress=not getattr(args, "quiet", False),
     )
     result["checkpoints"] = [str(p) for p in paths]
     result["split"] = args.split
@@ -188,7 +256,8 @@ def run(args: argparse.Namespace, load_fn: LoadFn | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None, load_fn: LoadFn | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, args.overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.beam < 1:
         print(f"hs-scale evaluate: --beam {args.beam} must be >= 1", file=sys.stderr)
         return 2

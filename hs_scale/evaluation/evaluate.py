@@ -9,11 +9,13 @@ Legend: B batch, L target length.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from hs_scale.evaluation.metrics import HIGHER_IS_BETTER, METRICS, score_per_task
 from hs_scale.evaluation.search import SearchConfig, generate
@@ -47,6 +49,7 @@ def evaluate(
     group_by: str = "tgt_task",
     device: torch.device | str | None = None,
     keep_outputs: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Decode every batch (greedy when beam == 1), score each task, macro-average.
 
@@ -58,7 +61,9 @@ def evaluate(
     metric: "wer" | "bleu" | "accuracy" (exact match of token ids).
     group_by: "tgt_task" (per target language / domain: the decoder's task) or "src_task".
     Returns {"metric", "scores": {task: %}, "average", "num_sentences": {task: n}, "total_sentences",
-    "signature", "search": {...}, "wall_s", "table"} and, with keep_outputs, "outputs": {task: [{hyp, ref}]}.
+    "signature", "search": {...}, "wall_s", "table"} and, with keep_outputs, "outputs": {task: [{key, hyp, ref}]}
+    (key: the sample's manifest key, when batches carry ``keys``).
+    progress: a tqdm bar on stderr over utterances decoded (rate and ETA when the batches have a length).
     """
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is unknown; use one of {METRICS}")
@@ -69,19 +74,26 @@ def evaluate(
     device = device if device is not None else next(model.parameters()).device
     hyps: dict[str, list] = {}
     refs: dict[str, list] = {}
+    keys: dict[str, list] = {}
     start = time.perf_counter()
+    bar = tqdm(desc="decoding", unit="utt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for batch in batches:
         if getattr(batch, "is_padding", False):
             continue
         batch = batch.to(device)
         out = generate(model, batch, cfg)
         tasks = getattr(batch, group_by).tolist()
-        for task, hyp, ref in zip(tasks, out.tokens, reference_ids(batch.target, eos, pad), strict=True):
+        batch_keys = list(getattr(batch, "keys", None) or [None] * len(tasks))
+        for task, key, hyp, ref in zip(tasks, batch_keys, out.tokens, reference_ids(batch.target, eos, pad),
+                                       strict=True):
             name = task_names[task]
             if metric != "accuracy":
                 hyp, ref = tokenizer_decode(hyp), tokenizer_decode(ref)
             hyps.setdefault(name, []).append(hyp)
             refs.setdefault(name, []).append(ref)
+            keys.setdefault(name, []).append(key)
+        bar.update(len(tasks))
+    bar.close()
     # Report tasks in vocabulary order, whatever order the batches came in.
     order = [n for n in task_names if n in hyps]
     hyps, refs = {n: hyps[n] for n in order}, {n: refs[n] for n in order}
@@ -97,7 +109,10 @@ def evaluate(
     result["wall_s"] = time.perf_counter() - start
     result["table"] = format_results(result)
     if keep_outputs:
-        result["outputs"] = {n: [{"hyp": h, "ref": r} for h, r in zip(hyps[n], refs[n], strict=True)] for n in order}
+        result["outputs"] = {
+            n: [{"key": k, "hyp": h, "ref": r} for k, h, r in zip(keys[n], hyps[n], refs[n], strict=True)]
+            for n in order
+        }
     return result
 
 

@@ -58,7 +58,7 @@ def text_batch(seed, B=5, is_padding=False):
         dec[b, 0] = 4 + int(tasks[b])
         dec[b, 1 : n + 1] = target[b, :n]
     return Batch(
-        keys=[str(i) for i in range(B)],
+        keys=[f"b{seed}-{i}" for i in range(B)],
         decoder_input=dec,
         target=target,
         target_lengths=tgt_len + 1,
@@ -88,6 +88,8 @@ def test_evaluate_report_matches_metrics_on_outputs(metric, tmp_path):
     n_real = sum(len(b) for b in batches if not b.is_padding)
     assert result["total_sentences"] == n_real  # the padding batch is skipped
     assert list(result["scores"]) == [t for t in TASKS if t in result["scores"]]  # vocabulary order
+    kept_keys = sorted(p["key"] for pairs in result["outputs"].values() for p in pairs)
+    assert kept_keys == sorted(k for b in batches if not b.is_padding for k in b.keys)  # each utterance, by key
     for task, pairs in result["outputs"].items():
         hyps, refs = [p["hyp"] for p in pairs], [p["ref"] for p in pairs]
         assert result["num_sentences"][task] == len(pairs)
