@@ -1,6 +1,7 @@
 """Forward+backward time of one attention layer: dense vs compute-all-then-gather vs hs_scale.
 
     python benchmarks/attention.py [--quick] [--json PATH] [--device cuda --dtype bf16 --backend flash]
+    python benchmarks/attention.py --case gqa [...]   the decoder-only LM's GQA layer (benchmarks/attention_gqa.py)
 
 Rows (same B, T, d, H; pool H' for the selection rows):
   a  dense       ordinary H-head attention (SDPA)
@@ -64,6 +65,18 @@ def time_fwd_bwd(fn, x, iters: int, warmup: int, device, clock=time.perf_counter
 
 
 def main(argv=None) -> dict:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--case" in argv:  # --case encdec (this file's rows) | gqa (the LM's GQA rows, with that script's options)
+        i = argv.index("--case")
+        case, argv = argv[i + 1] if i + 1 < len(argv) else "", argv[:i] + argv[i + 2:]
+        if case == "gqa":
+            import attention_gqa
+
+            return attention_gqa.main(argv)
+        if case != "encdec":
+            raise SystemExit(f"--case {case!r}: use encdec or gqa")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)

@@ -8,6 +8,7 @@ whole run ends in time even when one step hangs; a failing step does not stop th
   env             environment report: torch, CUDA, GPU, attention kernels available   (runs on CPU too)
   pytest_gpu      `pytest -m gpu tests/gpu` (on CPU, --dry-run collects them only)
   attention       benchmarks/attention.py, bf16, B16 T1024 d1024 H16 H'32, backend auto
+  attention_gqa   benchmarks/attention.py --case gqa: the LM's GQA layer, bf16, B8 T2048 D2048 H16 G4 r2, 8 docs/row
   train_throughput benchmarks/train_throughput.py, d1024 24+12 layers bf16: tokens/s vs dense, MFU
   train_demo      `hs-scale train` on the synthetic task with a demo-sized model in bf16: the loss must fall
 Writes into --out: gpu_results.json (every number, step statuses, the checks against the targets),
@@ -42,6 +43,9 @@ TARGETS = {
     "attention.ratio_mixed_loop_vs_dense": ("max", 1.30),
     "attention.ratio_mixed_grouped_vs_dense": ("max", 1.30),
     "attention.ratio_reference_vs_single": ("min", 1.6),
+    # the decoder-only LM's GQA layer (issue 12): same targets as the encoder-decoders
+    "attention_gqa.ratio_single_vs_dense": ("max", 1.10),
+    "attention_gqa.ratio_packed_vs_dense": ("max", 1.30),
     "train_throughput.hs_vs_dense_tokens_per_s": ("min", 0.93),
     "train_throughput.mfu": ("min", 0.40),
     "train_throughput.mfu (stretch)": ("min", 0.50),
@@ -69,6 +73,7 @@ def plan(work: Path) -> list[Step]:
     py = sys.executable
     pytest = [py, "-m", "pytest", "tests/gpu", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     attention = [py, "benchmarks/attention.py", "--tasks", "8", "--backend", "auto"]
+    gqa = [py, "benchmarks/attention.py", "--case", "gqa", "--tasks", "8", "--backend", "auto"]
     throughput = [py, "benchmarks/train_throughput.py", "--backend", "auto", "--compare-dense", "--mixed-tasks", "4"]
     demo = [py, "-m", "hs_scale.cli", "train", "--config", "configs/synthetic.yaml", *DEMO_MODEL,
             "--model.attention_backend", "auto", "--train.dtype", "bf16", "--train.steps", "300",
@@ -84,6 +89,12 @@ def plan(work: Path) -> list[Step]:
                            "--json", str(work / "attention.json")], True, 120,
              dry_argv=[*attention, "--batch", "8", "--seq", "16", "--dim", "64", "--heads", "2", "--pool", "4",
                        "--device", "cpu", "--iters", "1", "--warmup", "0"]),
+        Step("attention_gqa", [*gqa, "--batch", "8", "--seq", "2048", "--dim", "2048", "--heads", "16",
+                               "--kv-heads", "4", "--candidates", "2", "--docs", "8", "--dtype", "bf16",
+                               "--device", "cuda", "--iters", "20", "--warmup", "5",
+                               "--json", str(work / "attention_gqa.json")], True, 90,
+             dry_argv=[*gqa, "--batch", "2", "--seq", "32", "--dim", "64", "--heads", "4", "--kv-heads", "2",
+                       "--docs", "2", "--device", "cpu", "--iters", "1", "--warmup", "0"]),
         Step("train_throughput", [*throughput, "--device", "cuda", "--bf16", "--d-model", "1024", "--layers", "24",
                                   "--heads", "16", "--batch", "64", "--frames", "1200", "--target-len", "100",
                                   "--steps", "8", "--warmup", "3", "--json", str(work / "train_throughput.json")],
@@ -199,6 +210,7 @@ def summarize(steps: list[Step], work: Path, dry_run: bool) -> dict:
         "env": _read_json(work / "env.json"),
         "pytest_gpu": pytest_counts(work / "pytest_gpu.xml"),
         "attention": _read_json(work / "attention.json"),
+        "attention_gqa": _read_json(work / "attention_gqa.json"),
         "train_throughput": _read_json(work / "train_throughput.json"),
         "train_demo": loss_curve(work / "train_demo" / "metrics.jsonl"),
     }

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ["env", "pytest_gpu", "attention", "train_throughput", "train_demo"]
+STEPS = ["env", "pytest_gpu", "attention", "attention_gqa", "train_throughput", "train_demo"]
 
 
 def _runner():
@@ -32,12 +32,13 @@ def test_dry_run_plans_every_step_and_runs_the_cuda_free_one(tmp_path):
             if line.startswith("plan [")}
     assert list(plan) == STEPS
     assert "--batch 16 --seq 1024 --dim 1024 --heads 16 --pool 32 --dtype bf16 --device cuda" in plan["attention"]
+    assert "--case gqa" in plan["attention_gqa"] and "--kv-heads 4 --candidates 2" in plan["attention_gqa"]
     assert "--d-model 1024 --layers 24" in plan["train_throughput"] and "--compare-dense" in plan["train_throughput"]
     assert "-m gpu" in plan["pytest_gpu"] and "--train.dtype bf16" in plan["train_demo"]
     summary = json.loads((tmp_path / "out" / "gpu_results.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
-    assert status == {"env": "ok", "pytest_gpu": "kept", "attention": "kept", "train_throughput": "kept",
-                      "train_demo": "kept"}
+    assert status == {"env": "ok", "pytest_gpu": "kept", "attention": "kept", "attention_gqa": "kept",
+                      "train_throughput": "kept", "train_demo": "kept"}
     assert summary["dry_run"] and summary["results"]["env"]["torch"]
     assert (tmp_path / "out" / "gpu_results.md").read_text().startswith("# hs_scale GPU check")
     bad = subprocess.run(["bash", "benchmarks/gpu/run.sh", "--bogus"], cwd=REPO, capture_output=True, text=True)
@@ -50,6 +51,8 @@ def test_summary_judges_the_targets(tmp_path):
         "ratio_single_vs_dense": 1.15, "ratio_single_vs_dense_per_layer_draw": 1.05, "ratio_mixed_vs_dense": 1.42,
         "ratio_mixed_loop_vs_dense": 1.42, "ratio_reference_vs_single": 1.7,
         "ms_fwd_bwd": {"a_dense": 2.0}, "config": {"B": 16}}))
+    (tmp_path / "attention_gqa.json").write_text(json.dumps({"ratio_single_vs_dense": 1.05,
+                                                             "ratio_packed_vs_dense": 1.35}))
     (tmp_path / "train_throughput.json").write_text(json.dumps({"hs_vs_dense_tokens_per_s": 0.95, "mfu": 0.43}))
     (tmp_path / "train_demo").mkdir()
     (tmp_path / "train_demo" / "metrics.jsonl").write_text("\n".join(
@@ -66,6 +69,8 @@ def test_summary_judges_the_targets(tmp_path):
         "attention.ratio_mixed_loop_vs_dense": False,
         "attention.ratio_mixed_grouped_vs_dense": None,  # not measured (no grouped GEMM there)
         "attention.ratio_reference_vs_single": True,
+        "attention_gqa.ratio_single_vs_dense": True,
+        "attention_gqa.ratio_packed_vs_dense": False,
         "train_throughput.hs_vs_dense_tokens_per_s": True,
         "train_throughput.mfu": True,
         "train_throughput.mfu (stretch)": False,
