@@ -2,6 +2,7 @@
 
     hs-scale train --config configs/synthetic.yaml [--section.field value ...]
     hs-scale show-config --config FILE [overrides]      resolved config, validated, as YAML
+    hs-scale show-config --describe [--config FILE]     ... with every field's description and default
     hs-scale prepare-data --recipe NAME --out DIR       build a corpus (see data_pipelines/)
     hs-scale evaluate --checkpoint DIR [...]            greedy / beam decoding, WER or BLEU per task
     hs-scale export-hf --checkpoint DIR --task T --out DIR   dense per-task Hugging Face model (or --all-tasks)
@@ -36,8 +37,13 @@ _DELEGATED = {
 }
 
 
+_OVERRIDES = ("Any config field can be set after the options: --section.field VALUE or --section.field=VALUE "
+              "(VALUE is read as YAML), e.g. --train.steps 100 --selection.strategy subset. "
+              "`hs-scale show-config --describe` lists every field with its description and default.")
+
+
 def _config_parser(name: str, sub, help_text: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text)
+    parser = sub.add_parser(name, help=help_text, description=f"{help_text}. {_OVERRIDES}")
     parser.add_argument("--config", help="YAML config file (defaults are used for anything it leaves out)")
     return parser
 
@@ -51,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _config_parser("train", sub, "train a model")
-    _config_parser("show-config", sub, "print the resolved, validated config")
+    show = _config_parser("show-config", sub, "print the resolved, validated config")
+    show.add_argument("--describe", action="store_true",
+                      help="add each field's description (from its dataclass) and its default as YAML comments")
     for name in _DELEGATED:
         sub.add_parser(name, help=f"see hs-scale {name} --help")
     args, overrides = parser.parse_known_args(argv)
@@ -62,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: invalid config: {err}", file=sys.stderr)
         return 2
     if args.command == "show-config":
-        print(dump_config(cfg), end="")
+        if args.describe:
+            from hs_scale.config_help import describe
+
+            print(describe(cfg))
+        else:
+            print(dump_config(cfg), end="")
         return 0
     return _train(cfg)
 
