@@ -7,9 +7,17 @@ import io
 import os
 import tarfile
 
+import numpy as np
 import pytest
 
-from hs_scale.data.shards import SampleError, ShardStream, TarFormatError, iter_members, iter_samples
+from hs_scale.data.shards import (
+    SampleError,
+    ShardStream,
+    TarFormatError,
+    decode_fbank,
+    iter_members,
+    iter_samples,
+)
 
 
 def make_tar(fmt, members) -> bytes:
@@ -103,3 +111,20 @@ def test_local_shard_replays_its_recorded_layout(tmp_path):
     path.write_bytes(make_tar(tarfile.GNU_FORMAT, members))
     os.utime(path, ns=(1, 1))                  # a changed file (size or mtime): parsed again
     assert st.get("k4") == want["k4"] and st.replays == 2 and not st._complete and st.opens == 4
+
+
+def test_decode_fbank_fast_path_matches_np_load():
+    x = np.random.default_rng(0).standard_normal((37, 80)).astype(np.float16)
+    for arr in (x, np.asfortranarray(x), x.astype(np.float32)):  # the fast path, then np.load's (fortran order)
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        got = decode_fbank(buf.getvalue(), "k", "s.tar")
+        assert got.dtype == np.float32 and np.array_equal(got, arr.astype(np.float32))
+    buf = io.BytesIO()
+    np.save(buf, x)
+    with pytest.raises(SampleError, match=r"bad_audio: .*5910 data bytes, expected 5920 for shape \(37, 80\)"):
+        decode_fbank(buf.getvalue()[:-10], "k", "s.tar")
+    with pytest.raises(SampleError, match=r"feature shape \(37, 40\)"):
+        buf = io.BytesIO()
+        np.save(buf, x[:, :40])
+        decode_fbank(buf.getvalue(), "k", "s.tar")
