@@ -288,11 +288,15 @@ def iter_samples(fileobj, url: str, exts: set[str] | None = None, layout: list |
         yield key, members
 
 
-def _replay(fh, layout: list, start: int):
+def _replay(fh, layout: list, start: int, held=()):
     """Samples start, start + 1, ... of a local shard from the layout an earlier pass recorded (iter_samples'
     `layout`): forward seeks and reads of the kept members only, no header parsing. Same output as iter_samples
-    on the unchanged file; the caller checks that it is unchanged (size, mtime)."""
+    on the unchanged file (the caller checks that it is unchanged: size, mtime), except that samples whose key
+    is in `held` (the caller holds them already) come as (key, None), unread."""
     for key, spans, _ in itertools.islice(layout, start, None):
+        if key in held:
+            yield key, None
+            continue
         members = {}
         for ext, (offset, size) in spans.items():
             fh.seek(offset)
@@ -353,7 +357,7 @@ class ShardStream:
         """Samples start, start + 1, ... of a local shard: the recorded prefix replayed, the rest parsed (and
         recorded)."""
         layout = self._layout
-        yield from _replay(fh, layout, start)
+        yield from _replay(fh, layout, start, self.buffer)
         if self._complete:
             return
         n = len(layout)
@@ -429,7 +433,7 @@ class ShardStream:
             self.reached.add(k)
             if k == key:
                 return members
-            if k in self.wanted:
+            if members is not None and k in self.wanted:  # None: buffered already (a replay did not read it)
                 self.buffer[k] = members
         if self.failure is not None:
             raise SampleError(self.failure.kind, key, self.shard, str(self.failure).split(": ", 2)[-1])

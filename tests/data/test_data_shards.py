@@ -107,10 +107,13 @@ def test_local_shard_replays_its_recorded_layout(tmp_path):
     assert st._complete and st.opens == 2
     st.buffer.clear()
     assert st.get("k2") == want["k2"] and st.get("k4") == want["k4"] and st.replays == 2
+    held = st.buffer["k1"] = {"txt": b"held"}  # samples the stream holds are not read again by a replay
+    assert sorted(st.buffer) == ["k0", "k1", "k3"] and st.get("k2") == want["k2"] and st.replays == 3
+    assert st.buffer["k1"] is held and st.get("k1") is held
     members[8] = ("k4.flac", b"other")
     path.write_bytes(make_tar(tarfile.GNU_FORMAT, members))
     os.utime(path, ns=(1, 1))                  # a changed file (size or mtime): parsed again
-    assert st.get("k4") == want["k4"] and st.replays == 2 and not st._complete and st.opens == 4
+    assert st.get("k2") == want["k2"] and st.replays == 3 and not st._complete and st.opens == 5
 
 
 def test_decode_fbank_fast_path_matches_np_load():
