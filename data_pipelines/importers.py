@@ -14,10 +14,16 @@ audio}; `audio` is a picklable reference that `load_audio` reads in the build wo
            --translation-column, --lang-column. Audio is read undecoded (`Audio(decode=False)`) and decoded
            with soundfile, so no extra audio backend is needed.
 - text     plain parallel text for MT: one sentence per line in --src and --tgt.
+- lhotse   Lhotse CutSet manifests (`cuts_train.jsonl.gz`, anything `CutSet.from_file` reads; the split is the
+           file name after its last "_", or FILE=SPLIT): one row per cut, its supervisions' texts joined, language
+           and speaker from the first supervision, a translation from the supervisions' `custom` field named by
+           --translation-column (default "translation"; a {lang: text} dict is indexed by --tgt-lang). Audio is
+           read by Lhotse itself (`cut.load_audio()`: recordings of any source type it supports, cut offsets and
+           durations honoured). Lhotse Shar directories are not supported.
 
 Audio is resampled to 16 kHz with scipy's `resample_poly` (what the synthesizer uses too) and down-mixed to mono.
 Bad inputs are counted per kind and skipped, or refused with on_error="raise": unreadable audio ("bad_audio"),
-empty text ("empty_text"), utterances longer than max_seconds ("too_long"). Lhotse is not supported (yet).
+empty text ("empty_text"), utterances longer than max_seconds ("too_long").
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from collections.abc import Iterator
 import numpy as np
 
 log = logging.getLogger(__name__)
-FORMATS = ("fairseq", "nemo", "hf", "text")
+FORMATS = ("fairseq", "nemo", "hf", "text", "lhotse")
 
 
 class ImportError_(ValueError):
@@ -45,11 +51,17 @@ class ImportError_(ValueError):
 # ---- audio --------------------------------------------------------------------------------------------------
 def load_audio(ref: dict) -> np.ndarray:
     """A row's audio reference -> float32 mono [N] at 16 kHz. ref: {"path"} | {"zip", "offset", "length"} |
-    {"tar", "member"} | {"bytes"}. Raises ValueError with the reason if it cannot be read."""
+    {"tar", "member"} | {"bytes"} | {"lhotse": a cut as a dict}. Raises ValueError with the reason if it cannot be
+    read."""
     import soundfile as sf
 
     try:
-        if "bytes" in ref:
+        if "lhotse" in ref:
+            from lhotse import CutSet
+
+            cut = next(iter(CutSet.from_dicts([ref["lhotse"]])))
+            wav, sr = cut.load_audio().T.astype(np.float32), cut.sampling_rate  # [C, N] -> [N, C]
+        elif "bytes" in ref:
             data = ref["bytes"]
         elif "zip" in ref:
             with open(ref["zip"], "rb") as fh:
@@ -61,7 +73,8 @@ def load_audio(ref: dict) -> np.ndarray:
         else:
             with open(ref["path"], "rb") as fh:
                 data = fh.read()
-        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        if "lhotse" not in ref:
+            wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile / zip / tar / OS errors all mean "unreadable"
         raise ValueError(f"unreadable audio {_describe(ref)}: {type(exc).__name__}: {exc}") from None
     wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
@@ -76,6 +89,8 @@ def load_audio(ref: dict) -> np.ndarray:
 
 
 def _describe(ref: dict) -> str:
+    if "lhotse" in ref:
+        return f"of Lhotse cut {ref['lhotse'].get('id')}"
     if "zip" in ref:
         return f"{ref['zip']}:{ref['offset']}:{ref['length']}"
     if "tar" in ref:
@@ -153,6 +168,30 @@ def read_hf(path: str, split: str | None, domain: str, audio_column: str, text_c
                    "source_id": str(r.get("id", n)), "audio": ref}
 
 
+def read_lhotse(path: str, split: str | None, domain: str, translation_field: str,
+                tgt_lang: str | None) -> Iterator[dict]:
+    try:
+        from lhotse import CutSet
+    except ImportError:
+        raise ImportError("--from lhotse needs Lhotse: pip install 'hs_scale[import]' (or: pip install lhotse)") \
+            from None
+
+    name = os.path.basename(path)
+    for ext in (".gz", ".jsonl", ".json", ".yaml"):
+        name = name.removesuffix(ext)
+    for n, cut in enumerate(CutSet.from_file(path)):
+        sups = list(cut.supervisions)
+        first = sups[0] if sups else None
+        lang = (first.language if first else None) or ""
+        tr = ((first.custom or {}).get(translation_field) if first else None) or ""
+        if isinstance(tr, dict):  # {lang: text}, as some Lhotse ST recipes store translations
+            tr = tr.get(tgt_lang or "", "")
+        yield {"split": split or name.rsplit("_", 1)[-1], "lang": lang, "tgt_lang": tgt_lang if tr else lang,
+               "domain": domain, "text": " ".join(s.text.strip() for s in sups if s.text), "translation": tr,
+               "source_id": first.id if len(sups) == 1 else cut.id or str(n),
+               "speaker": (first.speaker if first else None) or "", "audio": {"lhotse": cut.to_dict()}}
+
+
 def read_text(src: str, tgt: str, split: str, lang: str, tgt_lang: str, domain: str) -> Iterator[dict]:
     with open(src, encoding="utf-8") as fs, open(tgt, encoding="utf-8") as ft:
         for n, (a, b) in enumerate(zip(fs, ft, strict=True)):
@@ -205,6 +244,8 @@ def import_corpus(fmt: str, inputs: list[str], out: str, *, lang: str | None = N
         elif fmt == "nemo":
             rows += read_nemo(path, sp or None, audio_root, domain, audio_tars or [], translation_column or
                               "translation")
+        elif fmt == "lhotse":
+            rows += read_lhotse(path, sp or None, domain, translation_column or "translation", tgt_lang)
         elif fmt == "hf":
             rows += read_hf(path, sp or None, domain, audio_column, text_column, translation_column, lang_column,
                             tgt_lang_column, lang or "", tgt_lang)

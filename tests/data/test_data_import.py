@@ -1,4 +1,4 @@
-"""`prepare-data --from {fairseq,nemo,hf,text}`: tiny corpora in each format, made from the speech of the test
+"""`prepare-data --from {fairseq,nemo,hf,text,lhotse}`: tiny corpora in each format, made from the speech of the test
 corpus (no downloads), imported and compared sample for sample (audio, text, translation, languages, split), with
 bad rows counted per kind; one model trains a few steps from an imported corpus through the CLI."""
 
@@ -169,6 +169,66 @@ def test_hf_saved_dataset(source, tmp_path):
                          "--translation-column", "english", "--lang-column", "locale", "--tgt-lang", "en",
                          "--out", out, "--vocab-size", "120", "--workers", "1"]) == 0
     check_equal(imported(out), source, translation=True)
+
+
+def test_lhotse_cutset_with_segments(source, tmp_path):
+    """Train: one recording per utterance (a 48 kHz one among them, resampled); dev: one recording holding two
+    utterances, cut into two segments by trim_to_supervisions. Translations in the supervisions' custom field."""
+    lhotse = pytest.importorskip("lhotse")
+    src = tmp_path / "lhotse"
+    src.mkdir()
+    ids = sorted(source)
+    train = [i for i in ids if source[i]["split"] == "train"]
+    dev = [i for i in ids if source[i]["split"] == "dev"]
+
+    def sup(i, rec, start, wav, text=None):
+        s = source[i]
+        return lhotse.SupervisionSegment(id=i, recording_id=rec, start=start, duration=len(wav) / 16000,
+                                         text=s["text"] if text is None else text, language=s["lang"],
+                                         speaker="spk", custom={"translation": s["translation"]})
+
+    recs, sups = [], []
+    for n, i in enumerate(train):
+        wav, sr = (resample_poly(source[i]["wav"], 3, 1).clip(-1, 32767 / 32768), 48000) if n == 0 else \
+            (source[i]["wav"], 16000)
+        write_wav(src / f"{i}.wav", wav, sr)
+        recs.append(lhotse.Recording.from_file(src / f"{i}.wav", recording_id=i))
+        sups.append(sup(i, i, 0.0, source[i]["wav"]))
+    write_wav(src / "empty.wav", source[train[0]]["wav"])  # a cut with empty text: counted, skipped
+    recs.append(lhotse.Recording.from_file(src / "empty.wav", recording_id="empty"))
+    sups.append(sup(train[0], "empty", 0.0, source[train[0]]["wav"], text=" "))
+    sups[-1].id = "empty"
+    lhotse.CutSet.from_manifests(lhotse.RecordingSet.from_recordings(recs),
+                                 lhotse.SupervisionSet.from_segments(sups)).to_file(src / "cuts_train.jsonl.gz")
+    dev_recs, dev_sups = [], []
+    for a, b in zip(dev[::2], dev[1::2], strict=True):
+        wa, wb = source[a]["wav"], source[b]["wav"]
+        write_wav(src / f"{a}+{b}.wav", np.concatenate([wa, wb]))
+        dev_recs.append(lhotse.Recording.from_file(src / f"{a}+{b}.wav", recording_id=f"{a}+{b}"))
+        dev_sups += [sup(a, f"{a}+{b}", 0.0, wa), sup(b, f"{a}+{b}", len(wa) / 16000, wb)]
+    cuts = lhotse.CutSet.from_manifests(lhotse.RecordingSet.from_recordings(dev_recs),
+                                        lhotse.SupervisionSet.from_segments(dev_sups)).trim_to_supervisions()
+    cuts.to_file(src / "cuts_dev.jsonl.gz")
+    out = str(tmp_path / "corpus")
+    assert prepare_data(["--from", "lhotse", "--input", f"{src}/cuts_train.jsonl.gz", "--input",
+                         f"{src}/cuts_dev.jsonl.gz", "--tgt-lang", "en", "--out", out, "--vocab-size", "120",
+                         "--workers", "1"]) == 0
+
+    def expected(i):
+        if i != train[0]:
+            return source[i]["wav"]
+        y = resample_poly(sf.read(io.BytesIO(_wav_bytes(resample_poly(source[i]["wav"], 3, 1).clip(
+            -1, 32767 / 32768), 48000)), dtype="float32")[0], 1, 3).astype(np.float32).clip(-1, 32767 / 32768)
+        return (np.clip(np.round(y * 32768.0), -32768, 32767) / 32768.0).astype(np.float32)
+
+    got = imported(out)
+    assert sorted(got) == ids
+    for i in ids:
+        s, g = source[i], got[i]
+        assert (g["text"], g["translation"], g["lang"], g["tgt_lang"], g["split"]) == \
+            (s["text"], s["translation"], s["lang"], "en", s["split"]), i
+        np.testing.assert_array_equal(g["wav"], expected(i))
+    assert json.loads(open(f"{out}/info.json").read())["import_errors"] == {"empty_text": 1}
 
 
 @pytest.mark.slow

@@ -4,11 +4,20 @@ tarfile writes (ustar, GNU long names, pax), with skipped members, short reads a
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
+import numpy as np
 import pytest
 
-from hs_scale.data.shards import SampleError, ShardStream, TarFormatError, iter_members, iter_samples
+from hs_scale.data.shards import (
+    SampleError,
+    ShardStream,
+    TarFormatError,
+    decode_fbank,
+    iter_members,
+    iter_samples,
+)
 
 
 def make_tar(fmt, members) -> bytes:
@@ -44,7 +53,7 @@ def test_same_members_as_tarfile(fmt):
     data = make_tar(fmt, members)
     assert list(iter_members(io.BytesIO(data))) == members
     assert list(iter_members(Trickle(data))) == members
-    kept = list(iter_members(io.BufferedReader(io.BytesIO(data)), keep=lambda n: n.endswith(".txt")))
+    kept = list(iter_members(io.BufferedReader(io.BytesIO(data)), exts={"txt"}))
     assert [(n, d if n.endswith(".txt") else b"") for n, d in members] == kept
 
 
@@ -78,3 +87,47 @@ def test_shard_stream_retries_then_keeps_what_it_read(tmp_path):
     st = ShardStream(str(path), "s.tar", {"k1", "k2", "k3"})
     assert st.get("k3")["fbank.npy"] == bytes(range(256)) * 9 and st.get("k1")["txt"] == "grüße".encode()
     assert st.get("k2") == {"flac": b""} and st.get("k1")["flac"] == b"a" * 1000 and st.opens == 2
+
+
+def test_local_shard_replays_its_recorded_layout(tmp_path):
+    """A re-read of an unchanged local shard replays the member offsets of the samples already parsed (then parses
+    on), giving the same bytes; a changed file is parsed again."""
+    members = [(f"k{i}.{ext}", f"{ext} of k{i}".encode() * (i + 1)) for i in range(5) for ext in ("flac", "txt")]
+    path = tmp_path / "s.tar"
+    path.write_bytes(make_tar(tarfile.GNU_FORMAT, members))
+    want = {k: {"txt": f"txt of {k}".encode() * (int(k[1]) + 1)} for k in ("k0", "k1", "k2", "k3", "k4")}
+    st = ShardStream(str(path), "s.tar", set(want), exts={"txt"})
+    assert st.get("k1") == want["k1"] and st.buffer == {"k0": want["k0"]}
+    st.buffer.clear()
+    assert st.get("k0") == want["k0"]          # passed: re-opened; k0, k1 replayed, k2 parsed on from k1's end
+    assert st.get("k3") == want["k3"] and st.get("k4") == want["k4"] and st.opens == 2 and st.replays == 1
+    assert [k for k, _, _ in st._layout] == ["k0", "k1", "k2", "k3", "k4"] and not st._complete
+    with pytest.raises(SampleError, match="not in the shard"):
+        st.get("k9")                           # read to the end: the layout is complete
+    assert st._complete and st.opens == 2
+    st.buffer.clear()
+    assert st.get("k2") == want["k2"] and st.get("k4") == want["k4"] and st.replays == 2
+    held = st.buffer["k1"] = {"txt": b"held"}  # samples the stream holds are not read again by a replay
+    assert sorted(st.buffer) == ["k0", "k1", "k3"] and st.get("k2") == want["k2"] and st.replays == 3
+    assert st.buffer["k1"] is held and st.get("k1") is held
+    members[8] = ("k4.flac", b"other")
+    path.write_bytes(make_tar(tarfile.GNU_FORMAT, members))
+    os.utime(path, ns=(1, 1))                  # a changed file (size or mtime): parsed again
+    assert st.get("k2") == want["k2"] and st.replays == 3 and not st._complete and st.opens == 5
+
+
+def test_decode_fbank_fast_path_matches_np_load():
+    x = np.random.default_rng(0).standard_normal((37, 80)).astype(np.float16)
+    for arr in (x, np.asfortranarray(x), x.astype(np.float32)):  # the fast path, then np.load's (fortran order)
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        got = decode_fbank(buf.getvalue(), "k", "s.tar")
+        assert got.dtype == np.float32 and np.array_equal(got, arr.astype(np.float32))
+    buf = io.BytesIO()
+    np.save(buf, x)
+    with pytest.raises(SampleError, match=r"bad_audio: .*5910 data bytes, expected 5920 for shape \(37, 80\)"):
+        decode_fbank(buf.getvalue()[:-10], "k", "s.tar")
+    with pytest.raises(SampleError, match=r"feature shape \(37, 40\)"):
+        buf = io.BytesIO()
+        np.save(buf, x[:, :40])
+        decode_fbank(buf.getvalue(), "k", "s.tar")
