@@ -28,7 +28,7 @@ TINY = REPO / "tests" / "launchers" / "tiny_launch.yaml"
 # reference curve comes from: configs/synthetic.yaml as the README's torchrun laptop line runs it.
 REF_STEPS = 8
 BUDGET = [f"--train.steps={REF_STEPS}", "--train.save_every=4", f"--train.eval_every={REF_STEPS}",
-          "--train.log_every=1", "--train.warmup_steps=2"]
+          "--train.log_every=1", "--train.warmup_steps=2", "--train.threads=1"]
 REF_CONFIG = REPO / "configs" / "synthetic.yaml"
 REF_OVERRIDES = ["--train.device", "cpu", "--train.threads", "1", *BUDGET]
 

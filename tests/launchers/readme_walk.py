@@ -14,11 +14,12 @@ What is skipped, by rule (each is listed in the result with its reason):
 
 What is changed, and why (nothing else):
 - budget: every training command (`hs-scale train`, `launchers/*.sh`) gets BUDGET appended (8 steps, a checkpoint
-  every 4, one evaluation, a loss every step, 2 warm-up steps); later `--section.field` values override earlier
-  ones, so the README's own options stand. The demo line would otherwise train ~8 min, the synthetic ones ~40 s.
-- the demo corpus: `prepare-data --recipe demo` gets `--size 24 --dev-size 6 --test-size 6 --vocab-size 96`
-  appended (argparse: the last value wins), 36 utterances instead of 5,550; a corpus that small has fewer than the
-  demo's 256 subwords, so the demo training line also gets `--model.vocab_size=96`.
+  every 4, one evaluation, a loss every step, 2 warm-up steps, one thread per process: on CI's 2 shared cores two
+  threads of one process wait on each other, 20x slower); later `--section.field` values override earlier ones. The
+  demo line would otherwise train ~8 min, the synthetic ones ~40 s.
+- the demo corpus: `prepare-data --recipe demo` gets `--size 12 --dev-size 3 --test-size 3 --vocab-size 64`
+  appended (argparse: the last value wins), 18 utterances instead of 5,550; a corpus that small has fewer than the
+  demo's 256 subwords, so the demo training line also gets `--model.vocab_size=64`.
 - Ray: `ray start` gets LocalRay.private_flags() appended (its own temp dir and free ports instead of 6379/8265:
   other Ray clusters may run on this machine), `http://127.0.0.1:8265` becomes that head's dashboard URL, and
   `ray stop` - which stops every Ray cluster of the machine - is replaced by stopping that head (LocalRay.stop: the
@@ -40,8 +41,8 @@ from hs_scale.launch.procs import free_ports, wait_for
 
 SECTIONS = ("## Quick start", "## Launching")
 SKIP_SUBSECTIONS = {"### Slurm": "needs root and its own cluster: test_launch_slurm.py runs these templates"}
-DEMO_DATA = ["--size", "24", "--dev-size", "6", "--test-size", "6", "--vocab-size", "96"]
-DEMO_VOCAB = ["--model.vocab_size=96"]
+DEMO_DATA = ["--size", "12", "--dev-size", "3", "--test-size", "3", "--vocab-size", "64"]
+DEMO_VOCAB = ["--model.vocab_size=64"]
 README_DASHBOARD = "http://127.0.0.1:8265"
 README_STORAGE = "/tmp/ray_results"
 
