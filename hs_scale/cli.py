@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg) -> int:
+    from hs_scale.launch.quiet import quiet
+
+    quiet()  # before megatron/DeepSpeed are imported: each third-party warning once, on rank 0
     from hs_scale.checkpoint import CheckpointError
     from hs_scale.checkpoint.lock import OutputDirLockedError
     from hs_scale.training.loop import EXIT_PREEMPTED, NonFiniteLossError, Preempted

@@ -41,16 +41,12 @@ class LocalRay:
         """Environment for `ray job submit` and friends aimed at this head."""
         return {**os.environ, "RAY_ADDRESS": self.dashboard_url, "HS_LOCAL_RAY": str(self.root)}
 
-    def start(self, timeout: float = 90) -> LocalRay:
-        self.root.mkdir(parents=True, exist_ok=True)
-        ray = shutil.which("ray")
-        if ray is None:
-            raise RuntimeError("the `ray` command is missing: pip install 'ray[default,train]>=2.60,<2.61'")
-        cmd = [
-            ray, "start", "--head", "--block", "--disable-usage-stats",
-            f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self.root}",
-            f"--node-ip-address={self.host}", f"--port={self.gcs_port}",
-            f"--dashboard-host={self.host}", f"--dashboard-port={self.dashboard_port}",
+    def private_flags(self) -> list[str]:
+        """`ray start` options that keep this head apart from any other on the machine: its own temp dir (which
+        every process of it carries, for cleanup) and free ports instead of the defaults (6379, 8265, ...)."""
+        return [
+            "--disable-usage-stats", "--num-gpus=0", f"--temp-dir={self.root}",
+            f"--node-ip-address={self.host}", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={self.client_port}", f"--node-manager-port={self.node_manager_port}",
             f"--object-manager-port={self.object_manager_port}",
             f"--dashboard-agent-listen-port={self.agent_http_port}",
@@ -58,6 +54,21 @@ class LocalRay:
             f"--runtime-env-agent-port={self.runtime_env_agent_port}",
             f"--min-worker-port={self.worker_ports}", f"--max-worker-port={self.worker_ports + 63}",
         ]
+
+    def dashboard_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 90) -> LocalRay:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ray = shutil.which("ray")
+        if ray is None:
+            raise RuntimeError("the `ray` command is missing: pip install 'ray[default,train]>=2.60,<2.61'")
+        cmd = [ray, "start", "--head", "--block", f"--num-cpus={self.num_cpus}", f"--dashboard-host={self.host}",
+               *self.private_flags()]
         env = {**os.environ, "HS_LOCAL_RAY": str(self.root), "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         log = open(self.root / "ray-start.log", "ab")  # noqa: SIM115 - lives as long as the head
@@ -73,11 +84,7 @@ class LocalRay:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"`ray start` exited {self.proc.returncode}; see {self.root}/ray-start.log")
-        try:
-            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return self.dashboard_up()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -80,9 +80,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     from hs_scale.config import load_config
+    from hs_scale.launch.quiet import quiet
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    quiet(rank)  # before the entry imports megatron/DeepSpeed: each third-party warning once, on rank 0
+    _plain_print()
     os.environ["HS_SCALE_RUN_ID"] = loop_config["run_id"]  # restarts of this fit() own the output dir's lock
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
@@ -99,10 +102,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         train(cfg, **kwargs)
-        return
-    with checkpoint.as_directory() as resume_dir:  # local storage: the directory itself; remote: a download
-        print(f"[ray_train rank {rank}] resuming from {resume_dir}", flush=True)
-        train(cfg, resume_from=resume_dir, **kwargs)
+    else:
+        with checkpoint.as_directory() as resume_dir:  # local storage: the directory itself; remote: a download
+            print(f"[ray_train rank {rank}] resuming from {resume_dir}", flush=True)
+            train(cfg, resume_from=resume_dir, **kwargs)
+    sys.stdout.flush()
+
+
+def _plain_print() -> None:
+    """Undo Ray Train's print patch in this worker. Ray Train (V2) replaces `print` with one that writes the line to
+    stdout and also logs it on the root logger, whose console handler shows it again: every line hs_scale prints
+    (the end-of-run summary, the selection table, warnings) reached the console twice. RAY_TRAIN_ENABLE_PRINT_PATCH=0
+    turns the patch off only if it is in the worker's environment before Ray starts the worker, which a job cannot
+    guarantee, hence this (the module is private: on another Ray layout nothing is changed). Also line-buffer
+    stdout (a file under Ray), so lines arrive in order and on time."""
+    import builtins
+
+    try:
+        from ray.train.v2._internal.logging.patch_print import _original_print
+    except ImportError:
+        _original_print = None
+    if _original_print is not None:
+        builtins.print = _original_print
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def _one_line(error: BaseException) -> str:

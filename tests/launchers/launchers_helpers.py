@@ -1,4 +1,5 @@
-"""Fixtures for the launcher tests: the tiny job, a local Ray head, a local two-node Slurm cluster.
+"""Fixtures for the launcher tests: the README walk (its torchrun run is the reference curve), the tiny job, a local
+Ray head, a local two-node Slurm cluster.
 
 Every test starts the real tool (torchrun, deepspeed, ray, sbatch) on loopback, bounded in time, and cleans up only
 what it started (by PID, or by the unique temp dir / SLURM_CONF its processes carry - never `ray stop`/pkill).
@@ -21,11 +22,15 @@ from hs_scale.launch.procs import kill_marked
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "launchers" / "tiny_launch.yaml"
-STEPS = 20
 
 
-def tiny_overrides(output_dir: Path | str) -> list[str]:
-    return ["--train.output_dir", str(output_dir)]
+# The README runs' budget (tests/launchers/readme_walk.py appends it to every training command) and the job the
+# reference curve comes from: configs/synthetic.yaml as the README's torchrun laptop line runs it.
+REF_STEPS = 8
+BUDGET = [f"--train.steps={REF_STEPS}", "--train.save_every=4", f"--train.eval_every={REF_STEPS}",
+          "--train.log_every=1", "--train.warmup_steps=2", "--train.threads=1"]
+REF_CONFIG = REPO / "configs" / "synthetic.yaml"
+REF_OVERRIDES = ["--train.device", "cpu", "--train.threads", "1", *BUDGET]
 
 
 def launch_env(**extra) -> dict[str, str]:
@@ -83,14 +88,25 @@ def assert_curves_match(got: dict[int, float], want: dict[int, float], rtol: flo
 
 # ------------------------------------------------------------------------------------------------ reference run
 @pytest.fixture(scope="session")
-def torchrun_reference(tmp_path_factory) -> dict[int, float]:
-    """The tiny job under `launchers/torchrun.sh` with 2 CPU ranks: the loss curve every launcher must reproduce."""
-    out = tmp_path_factory.mktemp("torchrun_ref")
-    rc, log = run_tool(["bash", str(REPO / "launchers/torchrun.sh"), str(TINY), *tiny_overrides(out / "run")],
-                       timeout=180, env=launch_env(NPROC_PER_NODE=2), log=out / "log.txt")
-    assert rc == 0, log[-4000:]
-    curve = final_curve(out / "run")
-    assert len(curve) == STEPS, curve
+def readme_walk(tmp_path_factory):
+    """The README's quick start and launch sections, run in order once per session (tests/launchers/readme_walk.py):
+    its torchrun, DeepSpeed and Ray runs are the launcher tests' runs."""
+    from readme_walk import walk
+
+    reason = _ray_missing() or (None if shutil.which("deepspeed") else "the `deepspeed` launcher is not installed")
+    if reason:
+        pytest.skip(reason)
+    return walk(tmp_path_factory.mktemp("readme"))
+
+
+@pytest.fixture(scope="session")
+def torchrun_reference(readme_walk) -> dict[int, float]:
+    """The README's torchrun laptop run (2 CPU ranks, REF_CONFIG + REF_OVERRIDES): the loss curve every launcher
+    must reproduce."""
+    step = readme_walk.step("launchers/torchrun.sh")
+    assert step.rc == 0, step.output[-4000:]
+    curve = final_curve(readme_walk.cwd / "runs/torchrun_synthetic")
+    assert len(curve) == REF_STEPS, curve
     return curve
 
 

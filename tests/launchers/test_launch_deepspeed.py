@@ -1,18 +1,17 @@
-"""DeepSpeed launcher, run for real: `deepspeed --num_gpus 2` (2 CPU ranks) via launchers/deepspeed/run.sh runs the
-tiny job on the ZeRO-2 engine with torchrun's loss curve; the ds_config derived from the hs_scale config, and the
-check of a hand-written one against it."""
+"""DeepSpeed launcher, run for real: `deepspeed --num_gpus 2` (2 CPU ranks) via launchers/deepspeed/run.sh - the
+README's DeepSpeed laptop line, run by the README walk (tests/launchers/test_readme.py) - trains on the ZeRO-2 engine
+with torchrun's loss curve; the ds_config derived from the hs_scale config, and the check of a hand-written one
+against it."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from launchers_helpers import REPO, TINY, assert_curves_match, checkpoints, final_curve, launch_env, run_tool
+from launchers_helpers import REPO, TINY, assert_curves_match, checkpoints, final_curve
 
 from hs_scale.config import load_config
 from hs_scale.launch import ds_config
-from hs_scale.launch.procs import free_ports
 
 ZERO2 = ["--parallel.engine", "deepspeed", "--parallel.zero_stage", "2"]
 
@@ -42,14 +41,10 @@ def test_shipped_ds_config_example_is_consistent():
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_zero2_matches_torchrun(tmp_path, torchrun_reference):
-    if shutil.which("deepspeed") is None:
-        pytest.skip("the `deepspeed` launcher is not installed (pip install deepspeed)")
-    (port,) = free_ports(1)
-    out = tmp_path / "run"
-    rc, log = run_tool(["bash", str(REPO / "launchers/deepspeed/run.sh"), str(TINY), "--train.output_dir", str(out)],
-                       timeout=300, env=launch_env(NUM_GPUS=2, ZERO_STAGE=2, MASTER_PORT=port),
-                       log=tmp_path / "log.txt")
-    assert rc == 0, log[-5000:]
+def test_deepspeed_launcher_zero2_matches_torchrun(readme_walk, torchrun_reference):
+    step = readme_walk.step("launchers/deepspeed/run.sh")
+    assert step.rc == 0, step.output[-5000:]
+    out = readme_walk.cwd / "runs/deepspeed_synthetic"
     assert checkpoints(out), f"no checkpoint under {out}"
+    assert (out / "config.yaml").read_text().count("engine: deepspeed") == 1
     assert_curves_match(final_curve(out), torchrun_reference, rtol=1e-4, what="deepspeed ZeRO-2 vs torchrun")

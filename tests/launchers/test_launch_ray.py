@@ -1,7 +1,9 @@
 """Ray launcher, run for real: a local Ray head (started here, temp dir, free ports, dashboard on 127.0.0.1),
 `launchers/ray/submit.sh` -> `ray job submit` -> hs_scale.launch.ray_train -> TorchTrainer with 2 CPU workers.
 
-1. the job reaches SUCCEEDED, leaves a checkpoint in Ray's storage, and its loss curve is torchrun's;
+1. the README's Ray laptop lines (`ray start`, launchers/ray/submit.sh, run by the README walk,
+   tests/launchers/test_readme.py): the job reaches SUCCEEDED, leaves a checkpoint in Ray's storage, and its loss
+   curve is torchrun's;
 2. a run in which one training worker is SIGKILLed mid-run restarts the worker group (max_failures=1), resumes from
    the last reported checkpoint and ends in the same state as an uninterrupted run: every step after the resume
    point reproduces the uninterrupted loss exactly, i.e. no step was applied twice.
@@ -58,18 +60,12 @@ def ray_checkpoints(storage: Path, name: str) -> list[Path]:
     return sorted((storage / name).glob("checkpoint_*"))
 
 
-@pytest.fixture(scope="module")
-def first_run(local_ray, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("ray") / "storage"
-    rc, log = submit(local_ray, storage, "tiny")
-    return rc, log, storage
-
-
-def test_ray_job_succeeds_and_checkpoints(first_run, torchrun_reference):
-    rc, log, storage = first_run
-    assert rc == 0 and "succeeded" in log.lower(), log[-5000:]
-    assert ray_checkpoints(storage, "tiny"), f"Ray persisted no checkpoint under {storage}/tiny"
-    out = storage / "tiny" / "runs" / "tiny_launch"  # relative train.output_dir goes under the storage path
+def test_ray_job_succeeds_and_checkpoints(readme_walk, torchrun_reference):
+    step = readme_walk.step("launchers/ray/submit.sh")
+    assert step.rc == 0 and "succeeded" in step.output.lower(), step.output[-5000:]
+    storage = readme_walk.cwd.parent / "ray_results"  # README: STORAGE_PATH=/tmp/ray_results, redirected
+    assert ray_checkpoints(storage, "hs_scale"), f"Ray persisted no checkpoint under {storage}/hs_scale"
+    out = storage / "hs_scale" / "runs" / "ray_synthetic"  # relative train.output_dir goes under the storage path
     assert_curves_match(final_curve(out), torchrun_reference, what="Ray Train vs torchrun")
 
 

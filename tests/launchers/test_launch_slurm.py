@@ -9,7 +9,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from launchers_helpers import REPO, TINY, _ray_missing, assert_curves_match, checkpoints, final_curve, launch_env
+from launchers_helpers import (
+    REF_CONFIG,
+    REF_OVERRIDES,
+    REPO,
+    TINY,
+    _ray_missing,
+    assert_curves_match,
+    checkpoints,
+    final_curve,
+    launch_env,
+)
 
 from hs_scale.launch.procs import free_port_block, free_ports, kill_marked
 
@@ -44,8 +54,8 @@ def _sbatch_and_wait(cluster, template: str, out: Path, timeout: float, **params
 def test_slurm_multinode_torchrun(local_slurm, tmp_path, torchrun_reference):
     (port,) = free_ports(1)
     ckpt = tmp_path / "run"
-    info, log = _sbatch_and_wait(local_slurm, "torchrun.sbatch", tmp_path, 240, CONFIG=TINY, CKPT_DIR=ckpt,
-                                 GPUS_PER_NODE=1, JOB_PORT=port)
+    info, log = _sbatch_and_wait(local_slurm, "torchrun.sbatch", tmp_path, 240, CONFIG=REF_CONFIG, CKPT_DIR=ckpt,
+                                 GPUS_PER_NODE=1, JOB_PORT=port, EXTRA_ARGS=" ".join(REF_OVERRIDES))
     assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), log[-5000:]
     assert "nodes=2" in log
     assert checkpoints(ckpt), f"no checkpoint under {ckpt}"
