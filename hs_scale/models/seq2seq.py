@@ -20,10 +20,11 @@ from hs_scale.models.layers import Decoder, DecoderCache, LayerChoices
 from hs_scale.selection.attention import TaskSegments
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.selection.selector import HeadSelector
+from hs_scale.selection.sites import SITE_NAMES, SITES, sites_of
 
-ATTENTION_TYPES = ("encoder_self", "decoder_self", "cross")
-ENCODER_TYPES = ("encoder_self",)
-DECODER_TYPES = ("decoder_self", "cross")
+ATTENTION_TYPES = SITE_NAMES
+ENCODER_TYPES = sites_of("encoder")
+DECODER_TYPES = sites_of("decoder")
 
 
 class Seq2SeqModel(nn.Module):
@@ -38,18 +39,13 @@ class Seq2SeqModel(nn.Module):
             raise ValueError(f"num_tasks={num_tasks} must be >= 1 (the size of the task vocabulary)")
         self.config, self.selection_config, self.num_tasks = cfg, selection, num_tasks
         self.selected_types = selection.selected_types()
-        num_layers = {
-            "encoder_self": cfg.encoder_layers,
-            "decoder_self": cfg.decoder_layers,
-            "cross": cfg.decoder_layers,
-        }
         # NOTE: each type gets its own seed so that, e.g., encoder layer 0 and cross-attention layer 0 do not
         # draw the same Gumbel noise (the noise is a pure function of (seed, draw, layer)).
         self.selectors = nn.ModuleDict(
             {
                 name: HeadSelector(
                     num_tasks,
-                    num_layers[name],
+                    SITES[name].num_layers(cfg),
                     selection.pool_heads,
                     cfg.num_heads,
                     strategy=selection.strategy,
@@ -97,7 +93,7 @@ class Seq2SeqModel(nn.Module):
         ``tgt_task_B``'s; None means every task. Zero when nothing is selected."""
         total = torch.zeros((), device=self.decoder.layer_norm.weight.device)
         for name, selector in self.selectors.items():
-            total = total + selector.kl(src_task_B if name in ENCODER_TYPES else tgt_task_B)
+            total = total + selector.kl(SITES[name].task(src_task_B, tgt_task_B))
         return total
 
     def set_selection_temperature(self, tau: float) -> None:

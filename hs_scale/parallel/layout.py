@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hs_scale.selection.config import head_problems as check_heads  # the one head rule
+
 ENGINES = ("megatron_ddp", "deepspeed")
 
 
@@ -99,26 +101,6 @@ def check_world(world_size: int, tp: int, pp: int, dp: int | None = None) -> lis
             f"tensor_parallel*pipeline_parallel*data_parallel = {tp}*{pp}*{dp} = {tp * pp * dp} != world size "
             f"{world_size}; set data_parallel={world_size // (tp * pp)} or leave it unset to derive it"
         )
-    return problems
-
-
-def check_heads(num_heads: int, pool_heads: int, tp: int, strategy: str = "group") -> list[str]:
-    """H active heads and H' pool heads split into tp contiguous partitions of whole groups."""
-    problems = []
-    divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0 and pool_heads % d == 0]
-    fix = f"use tensor_parallel in {divisors}"
-    if num_heads % tp:
-        problems.append(
-            f"model.num_heads H={num_heads} is not divisible by tensor_parallel={tp}: every TP rank must compute "
-            f"exactly H/t selected heads; {fix} or change num_heads to a multiple of {tp}"
-        )
-    if pool_heads % tp:
-        problems.append(
-            f"selection.pool_heads H'={pool_heads} is not divisible by tensor_parallel={tp}: each rank owns a "
-            f"contiguous slice of the pool (and of phi); {fix} or change pool_heads to a multiple of {tp}"
-        )
-    if strategy == "group" and not problems and pool_heads % num_heads:
-        problems.append(f"group selection needs pool_heads={pool_heads} to be a multiple of num_heads={num_heads}")
     return problems
 
 

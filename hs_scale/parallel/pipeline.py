@@ -27,8 +27,6 @@ indices (`encoder.layers.3...`); TP shards carry megatron's `tensor_model_parall
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -73,20 +71,6 @@ def embedding_chunks(arch: str, tied: bool, encoder_layers: int, decoder_layers:
     if tied:
         held.add(num_chunks - 1)
     return held
-
-
-def _slice_selector(selector: nn.Module, layers: range) -> nn.Module:
-    """A copy of `selector` (HeadSelector or TPHeadSelector) holding only `layers`' rows of phi."""
-    part = copy.deepcopy(selector)
-    old = selector.logits
-    part.logits = nn.Parameter(old.detach()[:, layers.start : layers.stop].clone())
-    for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
-        if hasattr(old, attr):
-            setattr(part.logits, attr, getattr(old, attr))
-    part.first_layer = selector.first_layer + layers.start
-    part.num_layers = len(layers)
-    part.logits.layer_offset = part.first_layer  # global index of row 0 along the layer dim (checkpoints)
-    return part
 
 
 def source_length(model_cfg, batch) -> int:
@@ -167,7 +151,7 @@ class PipelineChunk(nn.Module):
         for name, selector in full.selectors.items():
             layers = self.enc_range if SELECTOR_TYPES[name] == "encoder" else self.dec_range
             if len(layers):
-                self.selectors[name] = _slice_selector(selector, layers)
+                self.selectors[name] = selector.part(layers)
         self.label_smoothing = 0.0
         self.train(full.training)
 
