@@ -73,7 +73,7 @@ def test_joint_objective_is_the_weighted_sum_and_trains_the_ctc_head(selection):
     loss, _, ctc = joint_loss_sum(model, batch, pad_id=1, label_smoothing=0.1, ctc_weight=w)
     logits, ctc_logits, enc_len = model(batch.features, batch.feature_lengths, batch.decoder_input,
                                         batch.src_task, batch.tgt_task, return_ctc=True)
-    assert enc_len.tolist() == model.encoder.conv.output_lengths(batch.feature_lengths).tolist()
+    assert enc_len.tolist() == model.config.subsampled_lengths(batch.feature_lengths).tolist()
     ce, _ = token_losses(logits, batch.target, 1, 0.1)
     want_ctc = ctc_loss_sum(ctc_logits, enc_len, batch.target, batch.target_lengths, blank=1)
     torch.testing.assert_close(ctc, want_ctc)
