@@ -51,7 +51,6 @@ class Seq2SeqModel(nn.Module):
     def __init__(self, cfg: ModelConfig, selection: SelectionConfig | None, num_tasks: int):
         super().__init__()
         selection = selection if selection is not None else SelectionConfig(enabled=False)
-        selection.check_heads(cfg.num_heads)
         if num_tasks < 1:
             raise ValueError(f"num_tasks={num_tasks} must be >= 1 (the size of the task vocabulary)")
         self.config, self.selection_config, self.num_tasks = cfg, selection, num_tasks

@@ -228,7 +228,7 @@ def validate_layout(
         problems.append(f"num_microbatches={cfg.num_microbatches} must be >= 1")
     problems += check_engine(cfg, cuda)
     if problems:
-        raise LayoutError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
+        raise LayoutError("invalid layout of heads, layers and ranks:\n  - " + "\n  - ".join(problems))
     return world_size // (tp * pp)
 
 

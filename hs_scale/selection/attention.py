@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hs_scale.selection.backends import KERNELS, passes_probe, resolve_backend
+from hs_scale.selection.config import head_problems
 from hs_scale.selection.selector import HeadChoice
 
 
@@ -193,12 +194,11 @@ class SelectedHeadAttention(nn.Module):
         super().__init__()
         pool_heads = pool_heads or num_heads
         t = projections.partitions
-        if embed_dim % num_heads or num_heads % t or pool_heads % t:
-            raise ValueError(
-                f"embed_dim={embed_dim}, num_heads={num_heads} and pool_heads={pool_heads} do not split into "
-                f"heads over {t} partition(s) (config validation, hs_scale.selection.config.head_problems, "
-                f"refuses this at load time)"
-            )
+        problems = head_problems(num_heads, pool_heads, t, "subset")  # the one rule; a config refuses it at load
+        if embed_dim % num_heads:
+            problems.append(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.projections = projections
         self.embed_dim, self.head_dim = embed_dim, embed_dim // num_heads
         self.num_heads, self.pool_heads = num_heads // t, pool_heads // t
