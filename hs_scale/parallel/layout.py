@@ -238,20 +238,39 @@ def validate_layout(
 
 @dataclass
 class ParallelGroups:
-    """The groups a rank takes part in, passed explicitly to the layers that communicate.
+    """Where a rank stands and the groups it takes part in, passed explicitly to whatever communicates (the TP
+    layers, the pipeline, the checkpoint manager); nothing reads megatron's global parallel state instead.
 
     tp: tensor-parallel group (attention/FFN/vocab shards); pp: pipeline stages; dp: data-parallel replicas.
+    A group is None where no group was made (one process, or plain data parallelism: `data_parallel()`).
+    rank / world: the global rank and world size.
     """
 
-    tp: torch.distributed.ProcessGroup
-    pp: torch.distributed.ProcessGroup
-    dp: torch.distributed.ProcessGroup
+    tp: torch.distributed.ProcessGroup | None
+    pp: torch.distributed.ProcessGroup | None
+    dp: torch.distributed.ProcessGroup | None
     tp_rank: int
     tp_size: int
     pp_rank: int
     pp_size: int
     dp_rank: int
     dp_size: int
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def data_parallel(cls) -> ParallelGroups:
+        """Plain data parallelism over the whole torch.distributed world; one process when it is not up."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls(None, None, None, 0, 1, 0, 1, 0, 1)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(None, None, dist.group.WORLD, 0, 1, 0, 1, rank, world, rank, world)
+
+    def layout(self) -> dict:
+        """The sizes a checkpoint records: {"world", "tp", "pp", "dp"}."""
+        return {"world": self.world, "tp": self.tp_size, "pp": self.pp_size, "dp": self.dp_size}
 
 
 def init_parallel_groups(cfg: ParallelConfig, seed: int | None = None) -> ParallelGroups:
@@ -286,7 +305,8 @@ def init_parallel_groups(cfg: ParallelConfig, seed: int | None = None) -> Parall
 
 
 def current_groups() -> ParallelGroups:
-    """The ParallelGroups of megatron-core's already-initialised parallel state."""
+    """The ParallelGroups of megatron-core's already-initialised parallel state (read once, where they are made)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     return ParallelGroups(
@@ -299,6 +319,8 @@ def current_groups() -> ParallelGroups:
         pp_size=ps.get_pipeline_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
     )
 
 
