@@ -40,6 +40,13 @@ def _clamp_fp16(x: Tensor) -> Tensor:
     return x
 
 
+def _attention(cfg: ModelConfig, pool_heads: int | None) -> SelectedHeadAttention:
+    """One attention sublayer: H = num_heads active heads from a pool of `pool_heads` (None: dense)."""
+    return SelectedHeadAttention(
+        cfg.d_model, cfg.num_heads, pool_heads=pool_heads, dropout=cfg.attention_dropout, backend=cfg.attention_backend
+    )
+
+
 class _FFNMixin:
     """fc2(dropout(relu(fc1(x)))): the FFN sublayer body, with HF's parameter names fc1 / fc2 on the layer."""
 
@@ -62,9 +69,7 @@ class EncoderLayer(_FFNMixin, nn.Module):
     def __init__(self, cfg: ModelConfig, pool_heads: int | None):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = SelectedHeadAttention(
-            d, cfg.num_heads, pool_heads=pool_heads, dropout=cfg.attention_dropout, backend=cfg.attention_backend
-        )
+        self.self_attn = _attention(cfg, pool_heads)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self._init_ffn(cfg)
         self.final_layer_norm = nn.LayerNorm(d)
@@ -86,13 +91,9 @@ class DecoderLayer(_FFNMixin, nn.Module):
     def __init__(self, cfg: ModelConfig, self_pool_heads: int | None, cross_pool_heads: int | None):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = SelectedHeadAttention(
-            d, cfg.num_heads, pool_heads=self_pool_heads, dropout=cfg.attention_dropout, backend=cfg.attention_backend
-        )
+        self.self_attn = _attention(cfg, self_pool_heads)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.encoder_attn = SelectedHeadAttention(
-            d, cfg.num_heads, pool_heads=cross_pool_heads, dropout=cfg.attention_dropout, backend=cfg.attention_backend
-        )
+        self.encoder_attn = _attention(cfg, cross_pool_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self._init_ffn(cfg)
         self.final_layer_norm = nn.LayerNorm(d)

@@ -1,5 +1,5 @@
-"""The remote-code model (standalone: it ships with exported models) restates two things of the package: the
-head gather and the attention sites. These tests pin each copy to the package's one."""
+"""The remote-code model (standalone: it ships with exported models) restates three things of the package: the
+head gather, the attention sites and the task parsing. These tests pin each copy to the package's one."""
 
 from __future__ import annotations
 
@@ -47,3 +47,20 @@ def test_remote_attention_sites_are_the_package_sites():
     from hs_scale.selection.sites import SITES
 
     assert _ATTENTION == {name: (s.stack, s.attr, s.side) for name, s in SITES.items()}
+
+
+def test_remote_task_parsing_is_the_package_parsing():
+    from types import SimpleNamespace
+
+    from hs_scale.export.materialize import parse_task
+    from hs_scale.export.remote.modeling_hs_scale import _HeadSelectionMixin
+
+    names = ["de", "fr", "en"]
+    model = SimpleNamespace(config=SimpleNamespace(task_names=names))
+    for task in ("fr", "de->en", " en -> fr ", ("fr", "de")):
+        assert _HeadSelectionMixin.task_ids(model, task) == parse_task(task, names)
+    for bad in ("xx", "de->xx"):
+        with pytest.raises(ValueError, match="unknown task 'xx'"):
+            _HeadSelectionMixin.task_ids(model, bad)
+        with pytest.raises(ValueError, match="unknown task 'xx'"):
+            parse_task(bad, names)

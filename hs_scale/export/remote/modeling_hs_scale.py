@@ -80,7 +80,8 @@ class _HeadSelectionMixin:
                     setattr(attn, name, pooled)
 
     def task_ids(self, task):
-        """(encoder id, decoder id) of "name", "src->tgt" or ("src", "tgt")."""
+        """(encoder id, decoder id) of "name", "src->tgt" or ("src", "tgt"); hs_scale.export.materialize.parse_task,
+        restated (standalone file) and pinned to it by tests/export/test_export_remote_pins.py."""
         if isinstance(task, (tuple, list)):
             src, tgt = task
         elif "->" in task:
