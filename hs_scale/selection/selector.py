@@ -124,7 +124,7 @@ class HeadSelector(nn.Module):
     forward() returns *local* choices (heads in [0, P/t), H/t slots) made from its slice of the full-pool noise:
     exactly rank k's part of the single-process `partitions=t` draw, with no communication. `table()` gives
     global head ids of its slots; `kl()` is its share of the KL (sum over ranks to log it). `pool_heads` and
-    `active_heads` stay the global P and H; `local_pool_heads` / `local_active_heads` are what this module holds.
+    `active_heads` stay the global P and H; `pool_slice` / `local_active_heads` are what this module holds.
     """
 
     def __init__(
@@ -166,10 +166,6 @@ class HeadSelector(nn.Module):
             return slice(0, self.pool_heads)
         width = self.pool_heads // self.partitions
         return slice(self.rank * width, (self.rank + 1) * width)
-
-    @property
-    def local_pool_heads(self) -> int:
-        return self.pool_heads if self.rank is None else self.pool_heads // self.partitions
 
     @property
     def local_active_heads(self) -> int:

@@ -166,7 +166,7 @@ def test_selection_table_and_kl_delegate_to_selectors():
     model = make(num_tasks=3)
     table = model.head_selection_table()
     assert set(table) == set(ATTENTION_TYPES)
-    assert len(table["encoder_self"]) == 3 and len(table["encoder_self"][0]) == TINY["encoder_layers"]
+    assert len(table["encoder_self"]) == 3 and len(table["encoder_self"][0]) == model.config.encoder_layers
     assert all(len(heads) == H for heads in table["cross"][2])
     src_B, tgt_B = torch.tensor([0, 0]), torch.tensor([1, 2])
     expected = (
