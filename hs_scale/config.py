@@ -25,6 +25,7 @@ import yaml
 
 from hs_scale.data.config import DataConfig
 from hs_scale.models.config import ModelConfig
+from hs_scale.models.registry import MODEL_SPECS
 from hs_scale.parallel.layout import ParallelConfig, padded_vocab_size, validate_layout
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
@@ -71,7 +72,7 @@ class Config:
                     f"data.task_key={self.data.task_key!r} differs from selection.task_key="
                     f"{self.selection.task_key!r}; set both to the same key"
                 )
-            if self.data.modality != {"s2t": "speech", "text": "text"}[self.model.arch]:
+            if self.data.modality != MODEL_SPECS[self.model.arch].modality:
                 raise ConfigError(
                     f"data.modality={self.data.modality!r} does not fit model.arch={self.model.arch!r}; "
                     "use speech with s2t and text with text"
