@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from hs_scale.models.s2t import S2TTransformer
 from hs_scale.models.seq2seq import Seq2SeqModel
 from hs_scale.models.text import TextTransformer
-from hs_scale.selection.sites import ENCODER_DECODER_SITES, AttentionSite
 
 
 @dataclass(frozen=True)
@@ -26,9 +25,6 @@ class ModelSpec:
     modality: str
     """The `data.modality` its corpora have: "speech" or "text"."""
 
-    sites: tuple[AttentionSite, ...]
-    """Its attention sites (hs_scale.selection.sites): where heads are selected and which task keys them."""
-
     hf_class: str
     """transformers class of a dense (per-task) export."""
 
@@ -37,8 +33,7 @@ class ModelSpec:
 
 
 MODEL_SPECS = {
-    "s2t": ModelSpec("s2t", S2TTransformer, "speech", ENCODER_DECODER_SITES,
-                     "Speech2TextForConditionalGeneration", "AutoModelForSpeechSeq2Seq"),
-    "text": ModelSpec("text", TextTransformer, "text", ENCODER_DECODER_SITES,
-                      "M2M100ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    "s2t": ModelSpec("s2t", S2TTransformer, "speech", "Speech2TextForConditionalGeneration",
+                     "AutoModelForSpeechSeq2Seq"),
+    "text": ModelSpec("text", TextTransformer, "text", "M2M100ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
 }  # fmt: skip
