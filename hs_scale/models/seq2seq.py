@@ -140,16 +140,11 @@ class Seq2SeqModel(nn.Module):
             self.decoder_states(decoder_input_BL, memory_BSD, memory_padding_mask_BS, tgt_task_B, cache)
         )
 
-    def decoder_states(
-        self,
-        decoder_input_BL: Tensor,
-        memory_BSD: Tensor,
-        memory_padding_mask_BS: Tensor | None,
-        tgt_task_B: Tensor | None = None,
-        cache: DecoderCache | None = None,
-        hidden_BLD: Tensor | None = None,
-    ) -> Tensor:
-        """h_BLD of the decoder (one selector call per decoder site; a cache reuses its first call's choice)."""
+    def decoder_states(self, decoder_input_BL: Tensor, memory_BSD: Tensor, memory_padding_mask_BS: Tensor | None,
+                       tgt_task_B: Tensor | None = None, cache: DecoderCache | None = None,
+                       hidden_BLD: Tensor | None = None) -> Tensor:
+        """h_BLD of the decoder (the arguments of `decode`; hidden_BLD: a previous pipeline stage's states). One
+        selector call per decoder site; a cache reuses its first call's choice."""
         if cache is not None and cache.choices is None:
             cache.choices = self._choices(DECODER_TYPES)
         choices = cache.choices if cache is not None else self._choices(DECODER_TYPES)
