@@ -76,6 +76,7 @@ class Seq2SeqModel(nn.Module):
         embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.decoder = Decoder(cfg, embed_tokens, self.pool_heads("decoder_self"), self.pool_heads("cross"))
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.ctc_head: nn.Module | None = None  # a CTC head on the encoder output (speech models may add one)
 
     # ----------------------------------------------------------------------------------------------- selection
     def pool_heads(self, attention_type: str) -> int | None:
