@@ -4,7 +4,9 @@
 
 Every section is a dataclass owned by its component (model, selection, data, parallel, train, synthetic) and
 validates itself in ``__post_init__``; `Config.__post_init__` adds the checks that need two sections at once
-(pool vs active heads, the parallel layout, task keys). Any refusal is a `ConfigError` that names the field
+(pool vs active heads vs tensor parallelism, the parallel layout, task keys), each stated once (the head rule is
+`hs_scale.selection.config.head_problems`, the layout rules `hs_scale.parallel.layout`); the build-time code
+does not re-check them. Any refusal is a `ConfigError` that names the field
 (``selection.pool_heads``) and says what to change - at load time, never deep inside a reshape.
 """
 
@@ -23,6 +25,7 @@ import yaml
 
 from hs_scale.data.config import DataConfig
 from hs_scale.models.config import ModelConfig
+from hs_scale.models.registry import MODEL_SPECS
 from hs_scale.parallel.layout import ParallelConfig, padded_vocab_size, validate_layout
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
@@ -61,10 +64,6 @@ class Config:
     def __post_init__(self) -> None:
         if (self.data is None) == (self.synthetic is None):
             raise ConfigError("set exactly one of the sections `data:` (a corpus) and `synthetic:` (built-in task)")
-        try:
-            self.selection.check_heads(self.model.num_heads)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
         if self.synthetic is not None and self.model.arch != "text":
             raise ConfigError("the synthetic task is text-to-text; set model.arch=text")
         if self.data is not None:
@@ -73,7 +72,7 @@ class Config:
                     f"data.task_key={self.data.task_key!r} differs from selection.task_key="
                     f"{self.selection.task_key!r}; set both to the same key"
                 )
-            if self.data.modality != {"s2t": "speech", "text": "text"}[self.model.arch]:
+            if self.data.modality != MODEL_SPECS[self.model.arch].modality:
                 raise ConfigError(
                     f"data.modality={self.data.modality!r} does not fit model.arch={self.model.arch!r}; "
                     "use speech with s2t and text with text"
@@ -107,8 +106,8 @@ class Config:
                 vocab_size=padded_vocab_size(self.model.vocab_size, p.tensor_parallel),
                 strategy=self.selection.strategy,
             )
-        except ValueError as err:
-            raise ConfigError(f"parallel: {err}") from None
+        except ValueError as err:  # heads vs pool vs TP (selection.config.head_problems), layers, ranks, engine
+            raise ConfigError(str(err)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

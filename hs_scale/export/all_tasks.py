@@ -27,9 +27,10 @@ from hs_scale.export.materialize import (
 )
 from hs_scale.models.config import ModelConfig
 from hs_scale.models.hf_names import OURS_WITHOUT_HF, hf_config_kwargs, hf_name_map
+from hs_scale.models.registry import MODEL_SPECS
 from hs_scale.selection.config import SelectionConfig
 
-AUTO_CLASS = {"s2t": "AutoModelForSpeechSeq2Seq", "text": "AutoModelForSeq2SeqLM"}
+AUTO_CLASS = {arch: spec.auto_class for arch, spec in MODEL_SPECS.items()}
 
 
 def remote_classes(arch: str):

@@ -15,19 +15,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hs_scale.models.config import ModelConfig
+from hs_scale.selection.attention import gather_heads
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.selection.selector import select_heads
-
-# Where each attention type lives in our state dict ({l}: layer) and which task it is keyed on.
-ATTENTION_PREFIX = {
-    "encoder_self": "encoder.layers.{l}.self_attn",
-    "decoder_self": "decoder.layers.{l}.self_attn",
-    "cross": "decoder.layers.{l}.encoder_attn",
-}
-SIDE = {"encoder_self": "encoder", "decoder_self": "decoder", "cross": "decoder"}
+from hs_scale.selection.sites import SITES
 
 # ModelConfig fields that transformers' Speech2Text / M2M100 configs represent (hf_names.hf_config_kwargs) or that
 # do not change the function the model computes. Any other field (an architecture option added to hs_scale later,
@@ -108,7 +103,7 @@ def selection_tables(
         if key not in state:
             raise ExportError(f"state dict lacks {key}, but selection.{attn_type} is on in the config")
         logits_KLP = state[key].float()
-        layers = model_cfg.encoder_layers if attn_type == "encoder_self" else model_cfg.decoder_layers
+        layers = SITES[attn_type].num_layers(model_cfg)
         if tuple(logits_KLP.shape) != (num_tasks, layers, P):
             raise ExportError(
                 f"{key} has shape {tuple(logits_KLP.shape)}, expected (tasks={num_tasks}, layers={layers}, "
@@ -132,17 +127,6 @@ def trim_vocab(model_cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Te
     return out
 
 
-def gather_heads(weight: Tensor, bias: Tensor | None, heads: list[int], head_dim: int):
-    """Rows of the given pool heads (slot order) of a pooled projection: ([H*d, D], [H*d] or None)."""
-    import torch
-
-    index = torch.tensor(heads, dtype=torch.long, device=weight.device)
-    D = weight.shape[1]
-    w = weight.view(-1, head_dim, D).index_select(0, index).reshape(-1, D)
-    b = None if bias is None else bias.view(-1, head_dim).index_select(0, index).reshape(-1)
-    return w, b
-
-
 def dense_task_state(
     model_cfg: ModelConfig,
     selection_cfg: SelectionConfig,
@@ -156,12 +140,13 @@ def dense_task_state(
     tables = selection_tables(model_cfg, selection_cfg, state, len(task_names), partitions)
     dense = {k: v for k, v in trim_vocab(model_cfg, state).items() if not k.startswith("selectors.")}
     for attn_type, table in tables.items():
-        task_id = enc_id if SIDE[attn_type] == "encoder" else dec_id
-        for layer, heads in enumerate(table[task_id]):
-            prefix = ATTENTION_PREFIX[attn_type].format(l=layer)
+        site = SITES[attn_type]
+        for layer, heads in enumerate(table[site.task(enc_id, dec_id)]):
+            prefix = site.prefix(layer)
             for proj in ("q_proj", "k_proj", "v_proj"):
-                w, b = gather_heads(state[f"{prefix}.{proj}.weight"], state.get(f"{prefix}.{proj}.bias"), heads,
-                                    model_cfg.head_dim)
+                weight = state[f"{prefix}.{proj}.weight"]
+                index = torch.tensor(heads, dtype=torch.long, device=weight.device)
+                w, b = gather_heads(weight, state.get(f"{prefix}.{proj}.bias"), index, model_cfg.head_dim)
                 dense[f"{prefix}.{proj}.weight"] = w
                 if b is not None:
                     dense[f"{prefix}.{proj}.bias"] = b

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hs_scale.export.materialize import ATTENTION_PREFIX, ExportError
+from hs_scale.export.materialize import ExportError
 from hs_scale.models import build_model
 from hs_scale.models.config import ModelConfig
 from hs_scale.models.hf_names import from_hf_state_dict
 from hs_scale.selection.config import SelectionConfig
+from hs_scale.selection.sites import SITES
 
 _MODEL_TYPES = {"speech_to_text": "s2t", "m2m_100": "text"}
 
@@ -116,9 +117,9 @@ def upcycle_state(model_cfg: ModelConfig, selection: SelectionConfig, dense: dic
             state[k] = dense[k]
     gen = torch.Generator().manual_seed(seed)
     for attn_type in selection.selected_types():
-        layers = model_cfg.encoder_layers if attn_type == "encoder_self" else model_cfg.decoder_layers
+        layers = SITES[attn_type].num_layers(model_cfg)
         for layer in range(layers):
-            prefix = ATTENTION_PREFIX[attn_type].format(l=layer)
+            prefix = SITES[attn_type].prefix(layer)
             for proj in ("q_proj", "k_proj", "v_proj"):
                 w, b = pool_from_dense(dense[f"{prefix}.{proj}.weight"], dense.get(f"{prefix}.{proj}.bias"),
                                        model_cfg.head_dim, r, perturb_std, gen)

@@ -174,6 +174,13 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    def subsampled_lengths(self, frames):
+        """Encoder positions of `frames` feature frames (int or long tensor): (T - 1) // 2 + 1 per stride-2 conv
+        for s2t (odd kernels with padding k // 2, checked above; HF's formula), T itself for text."""
+        for _ in self.conv_kernel_sizes if self.arch == "s2t" else ():
+            frames = (frames - 1) // 2 + 1
+        return frames
+
     @property
     def subsampling_factor(self) -> int:
         """Frames of features_BTF per encoder position (s2t); 1 for text."""

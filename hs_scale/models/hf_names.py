@@ -12,8 +12,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from hs_scale.models.config import ModelConfig
+from hs_scale.models.registry import MODEL_SPECS
 
-HF_CLASSES = {"s2t": "Speech2TextForConditionalGeneration", "text": "M2M100ForConditionalGeneration"}
+HF_CLASSES = {arch: spec.hf_class for arch, spec in MODEL_SPECS.items()}
 
 # (our module, HF module) for modules with .weight and .bias. {e} encoder layer, {d} decoder layer, {c} conv layer.
 _ENCODER_LAYER = [

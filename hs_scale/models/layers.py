@@ -40,6 +40,13 @@ def _clamp_fp16(x: Tensor) -> Tensor:
     return x
 
 
+def _attention(cfg: ModelConfig, pool_heads: int | None) -> SelectedHeadAttention:
+    """One attention sublayer: H = num_heads active heads from a pool of `pool_heads` (None: dense)."""
+    return SelectedHeadAttention(
+        cfg.d_model, cfg.num_heads, pool_heads=pool_heads, dropout=cfg.attention_dropout, backend=cfg.attention_backend
+    )
+
+
 class _FFNMixin:
     """fc2(dropout(relu(fc1(x)))): the FFN sublayer body, with HF's parameter names fc1 / fc2 on the layer."""
 
@@ -62,9 +69,7 @@ class EncoderLayer(_FFNMixin, nn.Module):
     def __init__(self, cfg: ModelConfig, pool_heads: int | None):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = SelectedHeadAttention(
-            d, cfg.num_heads, pool_heads=pool_heads, dropout=cfg.attention_dropout, backend=cfg.attention_backend
-        )
+        self.self_attn = _attention(cfg, pool_heads)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self._init_ffn(cfg)
         self.final_layer_norm = nn.LayerNorm(d)
@@ -86,13 +91,9 @@ class DecoderLayer(_FFNMixin, nn.Module):
     def __init__(self, cfg: ModelConfig, self_pool_heads: int | None, cross_pool_heads: int | None):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = SelectedHeadAttention(
-            d, cfg.num_heads, pool_heads=self_pool_heads, dropout=cfg.attention_dropout, backend=cfg.attention_backend
-        )
+        self.self_attn = _attention(cfg, self_pool_heads)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.encoder_attn = SelectedHeadAttention(
-            d, cfg.num_heads, pool_heads=cross_pool_heads, dropout=cfg.attention_dropout, backend=cfg.attention_backend
-        )
+        self.encoder_attn = _attention(cfg, cross_pool_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self._init_ffn(cfg)
         self.final_layer_norm = nn.LayerNorm(d)
@@ -128,6 +129,18 @@ class DecoderLayer(_FFNMixin, nn.Module):
         return x_BLD + F.dropout(h_BLD, p=self.dropout, training=self.training)
 
 
+class LayerDict(nn.ModuleDict):
+    """Layers keyed by their GLOBAL index (state-dict keys `decoder.layers.3...`): a pipeline stage's share of a
+    stack. Iterates over the layers, like the nn.ModuleList it replaces.
+
+    NOTE: iteration yields modules, not keys, because the stacks' forward and megatron's schedules
+    (`for layer in model.decoder.layers`) expect a ModuleList-like container.
+    """
+
+    def __iter__(self):
+        return iter(self.values())
+
+
 def _maybe_checkpointed(stack: nn.Module, layer: nn.Module):
     """`layer`, or `layer` under activation checkpointing when the stack asks for it in training.
 
@@ -140,7 +153,12 @@ def _maybe_checkpointed(stack: nn.Module, layer: nn.Module):
 
 
 class Encoder(nn.Module):
-    """Positions + dropout + encoder layers + final LayerNorm, on already embedded (and scaled) inputs."""
+    """Positions + dropout + encoder layers + final LayerNorm, on already embedded (and scaled) inputs.
+
+    A pipeline stage holds only some of these (hs_scale.parallel.pipeline sets the others to None, torchtitan
+    style): without `embed_positions` the input is a previous stage's hidden state, without `layer_norm` the
+    output is the last held layer's. `layers` may then be a `LayerDict` keyed by global layer index.
+    """
 
     def __init__(self, cfg: ModelConfig, pool_heads: int | None):
         super().__init__()
@@ -151,14 +169,16 @@ class Encoder(nn.Module):
         self.checkpoint_activations = False  # set by hs_scale.training (train.activation_checkpointing)
 
     def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor, choices: LayerChoices, tasks: Tasks) -> Tensor:
-        """padding_mask_BS: bool, True = padded position (no position embedding, never attended to)."""
-        x_BSD = x_BSD + self.embed_positions(~padding_mask_BS).to(x_BSD.dtype)
-        x_BSD = F.dropout(x_BSD, p=self.dropout, training=self.training)
+        """padding_mask_BS: bool, True = padded position (no position embedding, never attended to).
+        choices: one per *held* layer, in order."""
+        if self.embed_positions is not None:
+            x_BSD = x_BSD + self.embed_positions(~padding_mask_BS).to(x_BSD.dtype)
+            x_BSD = F.dropout(x_BSD, p=self.dropout, training=self.training)
         # An all-False mask costs a masked kernel for nothing: drop it.
         mask_BS = padding_mask_BS if bool(padding_mask_BS.any()) else None
         for i, layer in enumerate(self.layers):
             x_BSD = _maybe_checkpointed(self, layer)(x_BSD, mask_BS, _choice(choices, i), tasks)
-        return self.layer_norm(x_BSD)
+        return x_BSD if self.layer_norm is None else self.layer_norm(x_BSD)
 
 
 @dataclass
@@ -197,7 +217,9 @@ class DecoderCache:
 class Decoder(nn.Module):
     """Token embedding (scaled) + positions + decoder layers + final LayerNorm; returns hidden states.
 
-    The token embedding table is passed in: the text model shares one table with its encoder.
+    The token embedding table is passed in: the text model shares one table with its encoder. As in `Encoder`,
+    a pipeline stage may hold only some modules: without `embed_positions` the stage does not embed (it continues
+    from `hidden_BLD`), without `layer_norm` it returns the last held layer's states.
     """
 
     def __init__(
@@ -224,13 +246,18 @@ class Decoder(nn.Module):
         cross_choices: LayerChoices,
         tasks: Tasks,
         cache: DecoderCache | None = None,
+        hidden_BLD: Tensor | None = None,
     ) -> Tensor:
-        """Hidden states h_BLD. With ``cache``, ``decoder_input_BL`` holds only the new tokens."""
-        past = 0 if cache is None else cache.length
-        x_BLD = self.embed_tokens(decoder_input_BL) * self.embed_scale
-        # Pad tokens in the target get the zero position, as in HF (positions are computed from the token ids).
-        x_BLD = x_BLD + self.embed_positions(decoder_input_BL.ne(self.pad_token_id), past).to(x_BLD.dtype)
-        x_BLD = F.dropout(x_BLD, p=self.dropout, training=self.training)
+        """Hidden states h_BLD. With ``cache``, ``decoder_input_BL`` holds only the new tokens.
+        hidden_BLD: a previous pipeline stage's states (only on a stage that does not embed)."""
+        if self.embed_positions is None:
+            x_BLD = hidden_BLD
+        else:
+            past = 0 if cache is None else cache.length
+            x_BLD = self.embed_tokens(decoder_input_BL) * self.embed_scale
+            # Pad tokens in the target get the zero position, as in HF (positions are computed from the token ids).
+            x_BLD = x_BLD + self.embed_positions(decoder_input_BL.ne(self.pad_token_id), past).to(x_BLD.dtype)
+            x_BLD = F.dropout(x_BLD, p=self.dropout, training=self.training)
         if memory_padding_mask_BS is not None and not bool(memory_padding_mask_BS.any()):
             memory_padding_mask_BS = None
         for i, layer in enumerate(self.layers):
@@ -247,4 +274,4 @@ class Decoder(nn.Module):
             )
         if cache is not None:
             cache.length += decoder_input_BL.shape[1]
-        return self.layer_norm(x_BLD)
+        return x_BLD if self.layer_norm is None else self.layer_norm(x_BLD)

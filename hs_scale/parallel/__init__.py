@@ -3,7 +3,7 @@ CPU shim megatron-core needs without CUDA, and a gloo multi-process test harness
 
     layout.py        ParallelConfig, layout checks (plain functions of numbers), process groups
     cpu_shim.py      the CPU compatibility shim for megatron-core 0.16 (applied only without CUDA)
-    tp_attention.py  TPSelectedHeadAttention, TPHeadSelector (phi partitioned over TP ranks), shard_choice
+    tp_attention.py  MegatronProjections (TP projection spec), shard_attention, shard_choice
     tp_model.py      parallelize_tensor(model, groups): swap a built model's attention/selectors/FFN for TP shards
     data_parallel.py build_engine: megatron-core DDP + torch AdamW, or DeepSpeed ZeRO 0/1/2 (one config switch)
     vocab.py         vocab-parallel token embedding / LM head / label-smoothed cross-entropy (padded vocab)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hs_scale.selection.config import head_problems as check_heads  # the one head rule
+
 ENGINES = ("megatron_ddp", "deepspeed")
 
 
@@ -99,26 +101,6 @@ def check_world(world_size: int, tp: int, pp: int, dp: int | None = None) -> lis
             f"tensor_parallel*pipeline_parallel*data_parallel = {tp}*{pp}*{dp} = {tp * pp * dp} != world size "
             f"{world_size}; set data_parallel={world_size // (tp * pp)} or leave it unset to derive it"
         )
-    return problems
-
-
-def check_heads(num_heads: int, pool_heads: int, tp: int, strategy: str = "group") -> list[str]:
-    """H active heads and H' pool heads split into tp contiguous partitions of whole groups."""
-    problems = []
-    divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0 and pool_heads % d == 0]
-    fix = f"use tensor_parallel in {divisors}"
-    if num_heads % tp:
-        problems.append(
-            f"model.num_heads H={num_heads} is not divisible by tensor_parallel={tp}: every TP rank must compute "
-            f"exactly H/t selected heads; {fix} or change num_heads to a multiple of {tp}"
-        )
-    if pool_heads % tp:
-        problems.append(
-            f"selection.pool_heads H'={pool_heads} is not divisible by tensor_parallel={tp}: each rank owns a "
-            f"contiguous slice of the pool (and of phi); {fix} or change pool_heads to a multiple of {tp}"
-        )
-    if strategy == "group" and not problems and pool_heads % num_heads:
-        problems.append(f"group selection needs pool_heads={pool_heads} to be a multiple of num_heads={num_heads}")
     return problems
 
 
@@ -246,7 +228,7 @@ def validate_layout(
         problems.append(f"num_microbatches={cfg.num_microbatches} must be >= 1")
     problems += check_engine(cfg, cuda)
     if problems:
-        raise LayoutError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
+        raise LayoutError("invalid layout of heads, layers and ranks:\n  - " + "\n  - ".join(problems))
     return world_size // (tp * pp)
 
 
@@ -256,20 +238,39 @@ def validate_layout(
 
 @dataclass
 class ParallelGroups:
-    """The groups a rank takes part in, passed explicitly to the layers that communicate.
+    """Where a rank stands and the groups it takes part in, passed explicitly to whatever communicates (the TP
+    layers, the pipeline, the checkpoint manager); nothing reads megatron's global parallel state instead.
 
     tp: tensor-parallel group (attention/FFN/vocab shards); pp: pipeline stages; dp: data-parallel replicas.
+    A group is None where no group was made (one process, or plain data parallelism: `data_parallel()`).
+    rank / world: the global rank and world size.
     """
 
-    tp: torch.distributed.ProcessGroup
-    pp: torch.distributed.ProcessGroup
-    dp: torch.distributed.ProcessGroup
+    tp: torch.distributed.ProcessGroup | None
+    pp: torch.distributed.ProcessGroup | None
+    dp: torch.distributed.ProcessGroup | None
     tp_rank: int
     tp_size: int
     pp_rank: int
     pp_size: int
     dp_rank: int
     dp_size: int
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def data_parallel(cls) -> ParallelGroups:
+        """Plain data parallelism over the whole torch.distributed world; one process when it is not up."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls(None, None, None, 0, 1, 0, 1, 0, 1)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(None, None, dist.group.WORLD, 0, 1, 0, 1, rank, world, rank, world)
+
+    def layout(self) -> dict:
+        """The sizes a checkpoint records: {"world", "tp", "pp", "dp"}."""
+        return {"world": self.world, "tp": self.tp_size, "pp": self.pp_size, "dp": self.dp_size}
 
 
 def init_parallel_groups(cfg: ParallelConfig, seed: int | None = None) -> ParallelGroups:
@@ -304,7 +305,8 @@ def init_parallel_groups(cfg: ParallelConfig, seed: int | None = None) -> Parall
 
 
 def current_groups() -> ParallelGroups:
-    """The ParallelGroups of megatron-core's already-initialised parallel state."""
+    """The ParallelGroups of megatron-core's already-initialised parallel state (read once, where they are made)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     return ParallelGroups(
@@ -317,6 +319,8 @@ def current_groups() -> ParallelGroups:
         pp_size=ps.get_pipeline_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
     )
 
 

@@ -20,6 +20,7 @@ with one grouped GEMM (`torch._grouped_mm`: rows sorted by task, every present t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hs_scale.selection.backends import KERNELS, passes_probe, resolve_backend
+from hs_scale.selection.config import head_problems
 from hs_scale.selection.selector import HeadChoice
 
 
@@ -106,16 +108,77 @@ def _probe_grouped_mm(device: str = "cuda") -> None:
         torch.testing.assert_close(got.float(), want.float(), atol=0.5, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def gather_heads(
+    weight: Tensor, bias: Tensor | None, heads: Tensor, head_dim: int, slot_weights: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """The rows of pool heads `heads` (slot order) of a pooled projection: the one gather of head selection.
+
+    weight [P*d, D] and bias [P*d] (rows grouped by head); heads long [H] -> ([H*d, D], [H*d]), or [G, H] (G
+    tasks at once) -> ([G, H*d, D], [G, H*d]). Gradients scatter back into the pool rows. slot_weights ([H] or
+    [G, H]), when given, multiply each slot's rows: the straight-through weight folded into V (attention is
+    linear in V). Used by training (SelectedHeadAttention), export (export/materialize.py) and, restated because
+    it must stay standalone, by the remote-code model (a test pins the two together).
+    """
+    D = weight.shape[-1]
+    W_PdD = weight.view(-1, head_dim, D)
+    W = W_PdD.index_select(0, heads) if heads.dim() == 1 else W_PdD[heads]
+    b = None
+    if bias is not None:
+        b_Pd = bias.view(-1, head_dim)
+        b = b_Pd.index_select(0, heads) if heads.dim() == 1 else b_Pd[heads]
+    if slot_weights is not None:
+        w = slot_weights.to(W.dtype)
+        W = W * w[..., None, None]
+        b = None if b is None else b * w[..., None]
+    return W.flatten(-3, -2), None if b is None else b.flatten(-2, -1)
+
+
+class Projections:
+    """How a `SelectedHeadAttention` builds its projections and enters its region: a layer spec.
+
+    The default is one device: nn.Linear for q/k/v (D -> P*d, rows grouped by head) and out (H*d -> D).
+    A tensor-parallel spec (hs_scale.parallel.tp_attention.MegatronProjections, in the spirit of megatron-core's
+    layer specs) returns column-/row-parallel linears holding pool partition `rank` of `partitions` and slots
+    likewise, marks the input's entry into the TP region, and forks the dropout RNG per rank. The attention's
+    forward is the same code either way: it never calls the q/k/v modules, only gathers rows of their weights.
+    """
+
+    partitions = 1
+    """t: the pool and the slots are split into t contiguous parts; this module holds one of them."""
+
+    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        """q/k/v projection, D -> P*d (global sizes): a module with `weight` [P*d/t, D] and `bias`."""
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        """Output projection, H*d -> D (global sizes): forward(x [.., H*d/t]) -> [.., D], summed over parts."""
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def enter(self, x: Tensor) -> Tensor:
+        """The layer's input entering the projections (TP: identity forward, all-reduce of the gradient)."""
+        return x
+
+    def dropout_rng(self):
+        """Context under which attention dropout draws (TP: this rank's RNG stream)."""
+        return contextlib.nullcontext()
+
+
+LOCAL = Projections()
+
+
 class SelectedHeadAttention(nn.Module):
     """Multi-head attention over H heads chosen per task from a pool of P (self- or cross-attention).
 
     With P == H and no choice this is an ordinary dense attention with the parameter layout of
     transformers' Speech2Text/M2M100 attention (scaling d**-0.5, biases on all four projections).
+    `projections` builds the four projections (default: one device; see `Projections`). Under a spec with
+    t partitions, `num_heads` / `pool_heads` hold this module's H/t and P/t, and `choice` is a local HeadChoice
+    (a `HeadSelector(rank=...)`'s output).
     """
 
     mixed_projection = "auto"
     """Mixed-task batches: "grouped" (one torch._grouped_mm), "loop" (per task segment) or "auto" (module doc).
-    A class attribute so that subclasses building their own parameters (TP) share it; set it per instance."""
+    A class attribute, so one setting reaches every layer; set it per instance to override."""
 
     def __init__(
         self,
@@ -125,62 +188,62 @@ class SelectedHeadAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         backend: str = "sdpa",
+        *,
+        projections: Projections = LOCAL,
     ):
         super().__init__()
+        pool_heads = pool_heads or num_heads
+        t = projections.partitions
+        problems = head_problems(num_heads, pool_heads, t, "subset")  # the one rule; a config refuses it at load
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.pool_heads = pool_heads or num_heads
-        self.head_dim = embed_dim // num_heads
+            problems.append(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.projections = projections
+        self.embed_dim, self.head_dim = embed_dim, embed_dim // num_heads
+        self.num_heads, self.pool_heads = num_heads // t, pool_heads // t
         self.dropout, self.backend = dropout, backend
-        pool_width = self.pool_heads * self.head_dim
-        self.q_proj = nn.Linear(embed_dim, pool_width, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, pool_width, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, pool_width, bias=bias)
-        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+        pool_width = pool_heads * self.head_dim
+        self.q_proj = projections.column(embed_dim, pool_width, bias)
+        self.k_proj = projections.column(embed_dim, pool_width, bias)
+        self.v_proj = projections.column(embed_dim, pool_width, bias)
+        self.out_proj = projections.row(num_heads * self.head_dim, embed_dim, bias)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, pool={self.pool_heads}, head_dim={self.head_dim}, backend={self.backend}"
+        shard = f", partitions={self.projections.partitions}" if self.projections.partitions > 1 else ""
+        return (
+            f"heads={self.num_heads}, pool={self.pool_heads}, head_dim={self.head_dim}, backend={self.backend}"
+            f"{shard}"
+        )
 
     def _task_weights(self, choice: HeadChoice | None, task: int, names: str) -> tuple[Tensor, Tensor | None]:
         """Weights [len(names)*H*d, D] (and bias) of the task's selected heads for projections `names` ("qkv")."""
-        P, d, D = self.pool_heads, self.head_dim, self.embed_dim
-        weights, biases = [], []
-        for name in names:
-            proj: nn.Linear = getattr(self, f"{name}_proj")
-            W_HdD, b_Hd = proj.weight.view(P, d, D), None if proj.bias is None else proj.bias.view(P, d)
-            if choice is not None:
-                heads_H = choice.heads[task]
-                W_HdD = W_HdD.index_select(0, heads_H)
-                b_Hd = None if b_Hd is None else b_Hd.index_select(0, heads_H)
-                if name == "v":
-                    w_H = choice.weights[task].to(W_HdD.dtype)
-                    W_HdD = W_HdD * w_H[:, None, None]
-                    b_Hd = None if b_Hd is None else b_Hd * w_H[:, None]
-            weights.append(W_HdD.reshape(-1, D))
-            biases.append(None if b_Hd is None else b_Hd.reshape(-1))
-        bias = None if biases[0] is None else torch.cat(biases)
-        return torch.cat(weights), bias
+        heads_H = None if choice is None else choice.heads[task]
+        w_H = None if choice is None else choice.weights[task]
+        return self._gathered(heads_H, w_H, names, stack_dim=0)
 
     def _group_weights(self, choice: HeadChoice, tasks_G: Tensor, names: str) -> tuple[Tensor, Tensor | None]:
         """Stacked weights [G, len(names)*H*d, D] (and biases [G, len(names)*H*d]) of the tasks tasks_G.
 
         The same rows as `_task_weights(choice, task, names)` for each task, gathered in one indexing per name.
         """
-        P, d, D = self.pool_heads, self.head_dim, self.embed_dim
-        heads_GH = choice.heads.index_select(0, tasks_G)
+        heads_GH, w_GH = choice.heads.index_select(0, tasks_G), choice.weights.index_select(0, tasks_G)
+        return self._gathered(heads_GH, w_GH, names, stack_dim=1)
+
+    def _gathered(self, heads, slot_weights, names: str, stack_dim: int) -> tuple[Tensor, Tensor | None]:
+        """`gather_heads` of each projection in `names`, the slot weights folded into V, concatenated."""
         weights, biases = [], []
         for name in names:
-            proj: nn.Linear = getattr(self, f"{name}_proj")
-            W_GHdD = proj.weight.view(P, d, D)[heads_GH]
-            b_GHd = None if proj.bias is None else proj.bias.view(P, d)[heads_GH]
-            if name == "v":
-                w_GH = choice.weights.index_select(0, tasks_G).to(W_GHdD.dtype)
-                W_GHdD = W_GHdD * w_GH[:, :, None, None]
-                b_GHd = None if b_GHd is None else b_GHd * w_GH[:, :, None]
-            weights.append(W_GHdD.flatten(1, 2))
-            biases.append(None if b_GHd is None else b_GHd.flatten(1))
-        return torch.cat(weights, 1), None if biases[0] is None else torch.cat(biases, 1)
+            proj = getattr(self, f"{name}_proj")
+            if heads is None:  # dense: the whole (un-pooled) projection
+                weights.append(proj.weight)
+                biases.append(proj.bias)
+                continue
+            w, b = gather_heads(proj.weight, proj.bias, heads, self.head_dim, slot_weights if name == "v" else None)
+            weights.append(w)
+            biases.append(b)
+        bias = None if biases[0] is None else torch.cat(biases, stack_dim)
+        return torch.cat(weights, stack_dim), bias
 
     def _project_grouped(self, x_BTD: Tensor, choice: HeadChoice, segments: TaskSegments, names: str) -> Tensor:
         """[B, T, len(names)*H*d] through one grouped GEMM over the rows sorted by task (no per-task launches)."""
@@ -251,6 +314,9 @@ class SelectedHeadAttention(nn.Module):
                 raise ValueError("task_B is required when the choice covers several tasks")
             task_B = torch.zeros(x_BTD.shape[0], dtype=torch.long, device=x_BTD.device)
         segments = task_B if isinstance(task_B, TaskSegments) or task_B is None else TaskSegments(task_B)
+        x_BTD = self.projections.enter(x_BTD)
+        if memory_BSD is not None and not (cache is not None and "k" in cache):
+            memory_BSD = self.projections.enter(memory_BSD)
 
         if memory_BSD is None:
             q, k, v = self._project(x_BTD, choice, segments, "qkv")
@@ -269,6 +335,7 @@ class SelectedHeadAttention(nn.Module):
 
         kernel = KERNELS[resolve_backend(self.backend, q.device, q.dtype)]
         dropout_p = self.dropout if self.training else 0.0
-        out_BHTd = kernel(q, k, v, key_padding_mask_BS, causal and memory_BSD is None, dropout_p)
+        with self.projections.dropout_rng() if dropout_p > 0 else contextlib.nullcontext():
+            out_BHTd = kernel(q, k, v, key_padding_mask_BS, causal and memory_BSD is None, dropout_p)
         B, T = x_BTD.shape[:2]
         return self.out_proj(out_BHTd.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

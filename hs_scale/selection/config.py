@@ -5,9 +5,43 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hs_scale.selection.sites import SITE_NAMES
 from hs_scale.tasks import TASK_KEY_TYPES
 
 STRATEGIES = ("group", "subset")
+
+
+def head_problems(num_heads: int, pool_heads: int, tensor_parallel: int = 1, strategy: str = "group") -> list[str]:
+    """Every way H = `num_heads` active heads, a pool of H' = `pool_heads` and `tensor_parallel` t do not fit.
+
+    The one statement of the rule (docs/method.md): H' >= H; the group strategy cuts the pool into H groups of
+    r = H'/H heads; under TP each rank owns H'/t contiguous pool heads and computes H/t slots. Empty = fine.
+    The config refuses these at load time; the selector re-checks them when built outside a config.
+    """
+    problems = []
+    if pool_heads < num_heads:
+        problems.append(
+            f"selection.pool_heads={pool_heads} is smaller than model.num_heads={num_heads}; the pool H' must hold "
+            f"at least H heads (the paper uses H' = 2H = {2 * num_heads})"
+        )
+    t = tensor_parallel
+    fix = f"use tensor_parallel in {[d for d in range(1, num_heads + 1) if num_heads % d == 0 and pool_heads % d == 0]}"
+    if num_heads % t:
+        problems.append(
+            f"model.num_heads H={num_heads} is not divisible by tensor_parallel={t}: every TP rank must compute "
+            f"exactly H/t selected heads; {fix} or change num_heads to a multiple of {t}"
+        )
+    if pool_heads % t:
+        problems.append(
+            f"selection.pool_heads H'={pool_heads} is not divisible by tensor_parallel={t}: each rank owns a "
+            f"contiguous slice of the pool (and of phi); {fix} or change pool_heads to a multiple of {t}"
+        )
+    if strategy == "group" and pool_heads >= num_heads and pool_heads % num_heads:
+        problems.append(
+            f"selection.pool_heads={pool_heads} is not a multiple of model.num_heads={num_heads}, which the group "
+            f"strategy needs (H' = r*H); use pool_heads={2 * num_heads} or strategy=subset"
+        )
+    return problems
 
 
 @dataclass
@@ -76,27 +110,18 @@ class SelectionConfig:
         if self.init_low > self.init_high:
             raise ValueError("selection.init_low must be <= selection.init_high")
 
-    def check_heads(self, active_heads: int) -> None:
-        """Refuse pools that do not fit H = `active_heads` (called where both numbers are known)."""
-        if not self.enabled:
-            return
-        if self.pool_heads < active_heads:
-            raise ValueError(
-                f"selection.pool_heads={self.pool_heads} is smaller than model.num_heads={active_heads}; "
-                f"the pool H' must hold at least H heads (the paper uses H' = 2H = {2 * active_heads})"
-            )
-        if self.strategy == "group" and self.pool_heads % active_heads:
-            raise ValueError(
-                f"selection.pool_heads={self.pool_heads} is not a multiple of model.num_heads={active_heads}, "
-                f"which the group strategy needs (H' = r*H); use pool_heads={2 * active_heads} or strategy=subset"
-            )
+    def check_heads(self, active_heads: int, tensor_parallel: int = 1) -> None:
+        """Refuse pools that do not fit H = `active_heads` (and the TP size): `head_problems`, when selecting."""
+        if self.enabled:
+            problems = head_problems(active_heads, self.pool_heads, tensor_parallel, self.strategy)
+            if problems:
+                raise ValueError("; ".join(problems))
 
     def selected_types(self) -> tuple[str, ...]:
-        """Attention types with selection switched on: subset of ("encoder_self", "decoder_self", "cross")."""
+        """Attention sites (hs_scale.selection.sites) with selection switched on, in declaration order."""
         if not self.enabled:
             return ()
-        flags = {"encoder_self": self.encoder_self, "decoder_self": self.decoder_self, "cross": self.cross}
-        return tuple(name for name, on in flags.items() if on)
+        return tuple(name for name in SITE_NAMES if getattr(self, name))
 
     def temperature_at(self, step: int) -> float:
         return max(self.temperature_min, self.temperature * math.exp(-self.temperature_decay * step))

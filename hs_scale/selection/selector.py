@@ -18,10 +18,13 @@ Evaluation and inference are deterministic: the same rule applied to phi itself 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from hs_scale.selection.config import head_problems
 
 _MASK64 = (1 << 64) - 1
 
@@ -115,6 +118,13 @@ class HeadSelector(nn.Module):
     and must draw the same noise as a single process). `partitions` t > 1 selects H/t heads inside each of t
     contiguous pool partitions: what t tensor-parallel ranks do, reproducible on one process (a balanced
     subset; no change for the group strategy).
+
+    `rank` k (tensor parallelism, docs/method.md): this selector holds only pool partition k, phi[:, :, k*P/t :
+    (k+1)*P/t] (the full phi is drawn, then sliced, so every rank starts from the single-process logits), and
+    forward() returns *local* choices (heads in [0, P/t), H/t slots) made from its slice of the full-pool noise:
+    exactly rank k's part of the single-process `partitions=t` draw, with no communication. `table()` gives
+    global head ids of its slots; `kl()` is its share of the KL (sum over ranks to log it). `pool_heads` and
+    `active_heads` stay the global P and H; `pool_slice` / `local_active_heads` are what this module holds.
     """
 
     def __init__(
@@ -129,27 +139,80 @@ class HeadSelector(nn.Module):
         init_range: tuple[float, float] = (-4.605170185988091, 0.0),
         first_layer: int = 0,
         partitions: int = 1,
+        *,
+        rank: int | None = None,
     ):
         super().__init__()
-        if active_heads % partitions or pool_heads % partitions:
-            raise ValueError(f"partitions={partitions} must divide H ({active_heads}) and the pool ({pool_heads})")
-        if strategy == "group" and pool_heads % active_heads:
-            raise ValueError(f"group selection needs pool_heads ({pool_heads}) to be a multiple of H ({active_heads})")
-        if active_heads > pool_heads:
-            raise ValueError(f"cannot select {active_heads} heads from a pool of {pool_heads}")
+        problems = head_problems(active_heads, pool_heads, partitions, strategy)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if rank is not None and not 0 <= rank < partitions:
+            raise ValueError(f"rank={rank} must lie in [0, partitions={partitions})")
         self.num_tasks, self.num_layers = num_tasks, num_layers
         self.pool_heads, self.active_heads = pool_heads, active_heads
-        self.strategy, self.seed, self.first_layer, self.partitions = strategy, seed, first_layer, partitions
-        self.logits = nn.Parameter(torch.empty(num_tasks, num_layers, pool_heads).uniform_(*init_range))
+        self.strategy, self.seed, self.first_layer = strategy, seed, first_layer
+        self.partitions, self.rank = partitions, rank
+        logits = torch.empty(num_tasks, num_layers, pool_heads).uniform_(*init_range)
+        self.logits = nn.Parameter(logits[:, :, self.pool_slice].clone() if rank is not None else logits)
+        if rank is not None:
+            _mark_pool_sharded(self.logits)
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    @property
+    def pool_slice(self) -> slice:
+        """The global pool heads this module holds: all of them, or partition `rank`."""
+        if self.rank is None:
+            return slice(0, self.pool_heads)
+        width = self.pool_heads // self.partitions
+        return slice(self.rank * width, (self.rank + 1) * width)
+
+    @property
+    def local_active_heads(self) -> int:
+        return self.active_heads if self.rank is None else self.active_heads // self.partitions
+
+    def part(self, layers: range | None = None, *, rank: int | None = None, partitions: int | None = None):
+        """A new selector holding `layers` (rows of this one; pipeline stages) and, with `rank`, pool partition
+        `rank` of `partitions` (tensor parallelism). Logits, draw counter, temperature and train/eval mode are
+        copied; no random numbers are drawn. The logits of a layer slice carry `layer_offset` (their global first
+        layer, read by the checkpoint layout)."""
+        sliced = layers is not None
+        layers = range(self.num_layers) if layers is None else layers
+        new = copy.deepcopy(self)
+        if rank is not None:
+            if self.rank is not None:
+                raise ValueError(f"this selector already holds pool partition {self.rank}; shard the full one")
+            partitions = partitions or self.partitions
+            problems = head_problems(self.active_heads, self.pool_heads, partitions, self.strategy)
+            if problems or not 0 <= rank < partitions:
+                raise ValueError("; ".join(problems) or f"rank={rank} must lie in [0, partitions={partitions})")
+            new.partitions, new.rank = partitions, rank
+        cols = new.pool_slice if self.rank is None else slice(None)
+        new.logits = nn.Parameter(self.logits.detach()[:, layers.start : layers.stop, cols].clone())
+        for attr in _SHARD_ATTRS:
+            if hasattr(self.logits, attr):
+                setattr(new.logits, attr, getattr(self.logits, attr))
+        if new.rank is not None:
+            _mark_pool_sharded(new.logits)
+        new.num_layers, new.first_layer = len(layers), self.first_layer + layers.start
+        if sliced:
+            new.logits.layer_offset = new.first_layer
+        return new
 
     def set_temperature(self, tau: float) -> None:
         self.temperature.fill_(tau)
 
+    def _choose(self, layer: int, noise_KP: Tensor | None) -> HeadChoice:
+        """The choice of one layer (held-row index) from full-pool noise [K, P] or None (deterministic)."""
+        tau = float(self.temperature)
+        logits_KP = self.logits[:, layer]
+        if self.rank is None:
+            return select_heads(logits_KP, self.active_heads, self.strategy, tau, noise_KP, self.partitions)
+        noise_KP = None if noise_KP is None else noise_KP[:, self.pool_slice]
+        return select_heads(logits_KP, self.local_active_heads, self.strategy, tau, noise_KP)
+
     def forward(self) -> list[HeadChoice]:
         """One HeadChoice per layer (all K tasks); in training this consumes one draw."""
-        tau = float(self.temperature)
         choices = []
         draw = int(self.draws)
         for layer in range(self.num_layers):
@@ -158,15 +221,13 @@ class HeadSelector(nn.Module):
                 noise = selection_noise(
                     self.seed, draw, self.first_layer + layer, self.num_tasks, self.pool_heads
                 ).to(self.logits.device)
-            choices.append(
-                select_heads(self.logits[:, layer], self.active_heads, self.strategy, tau, noise, self.partitions)
-            )
+            choices.append(self._choose(layer, noise))
         if self.training:
             self.draws += 1
         return choices
 
     def kl(self, task_ids: Tensor | None = None) -> Tensor:
-        """KL(q(z) || Bernoulli(H/P)) summed over layers and pool heads, averaged over the given tasks.
+        """KL(q(z) || Bernoulli(H/P)) summed over layers and (held) pool heads, averaged over the given tasks.
 
         q(z_h = 1) = sigmoid(phi_h) is the Bernoulli the relaxed sample approximates; the prior keeps H of P.
         task_ids: long [B] (duplicates are counted once) or None for every task.
@@ -177,20 +238,28 @@ class HeadSelector(nn.Module):
 
     @torch.no_grad()
     def table(self) -> list[list[list[int]]]:
-        """Deterministic selection: table[task][layer] = pool heads in slot order."""
-        tau = float(self.temperature)
+        """Deterministic selection: table[task][layer] = global pool heads in slot order (a rank: its slots)."""
+        offset = self.pool_slice.start
         per_layer = [
-            select_heads(self.logits[:, layer], self.active_heads, self.strategy, tau, None, self.partitions)
-            .heads.tolist()
-            for layer in range(self.num_layers)
+            (self._choose(layer, None).heads + offset).tolist() for layer in range(self.num_layers)
         ]
         return [[per_layer[layer][k] for layer in range(self.num_layers)] for k in range(self.num_tasks)]
 
     def extra_repr(self) -> str:
+        shard = "" if self.rank is None else f", partition={self.rank}/{self.partitions}"
         return (
             f"tasks={self.num_tasks}, layers={self.num_layers}, pool={self.pool_heads}, "
-            f"active={self.active_heads}, strategy={self.strategy}"
+            f"active={self.active_heads}, strategy={self.strategy}{shard}"
         )
+
+
+# megatron's names for "this parameter is split over the TP group along partition_dim": its grad-norm and our
+# checkpoint layout read them. Set as plain attributes so that selection/ needs no megatron import.
+_SHARD_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "layer_offset")
+
+
+def _mark_pool_sharded(logits: Tensor) -> None:
+    logits.tensor_model_parallel, logits.partition_dim, logits.partition_stride = True, 2, 1
 
 
 def format_selection_table(tables: dict[str, list[list[list[int]]]], task_names: list[str]) -> str:

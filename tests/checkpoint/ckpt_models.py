@@ -11,23 +11,13 @@ ENC, DEC, VOCAB = 2, 2, 41  # 41: the vocab-parallel embedding pads it to 42 at 
 
 
 def small_s2t(seed: int, dropout: float = 0.1):
-    from hs_scale.models import ModelConfig, build_model
+    from _configs import tiny_model_config
+
+    from hs_scale.models import build_model
     from hs_scale.selection.config import SelectionConfig
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(
-        arch="s2t",
-        d_model=32,
-        encoder_layers=ENC,
-        decoder_layers=DEC,
-        num_heads=4,
-        ffn_dim=64,
-        vocab_size=VOCAB,
-        dropout=dropout,
-        conv_channels=16,
-        conv_kernel_sizes=[3],
-        input_feat_per_channel=8,
-    )
+    cfg = tiny_model_config("s2t", encoder_layers=ENC, decoder_layers=DEC, vocab_size=VOCAB, dropout=dropout)
     return build_model(cfg, SelectionConfig(strategy="group", pool_heads=8), num_tasks=3)
 
 

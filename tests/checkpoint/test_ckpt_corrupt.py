@@ -116,7 +116,7 @@ def test_exception_mid_save_keeps_previous_latest(tmp_path, trained, monkeypatch
 
 _KILLER = textwrap.dedent("""
     import os, signal, sys
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]  # ckpt_models, and the shared tests/_configs.py
     from ckpt_models import optimizer_for, small_s2t
     from hs_scale.checkpoint import CheckpointManager, manager, safe_io
     model = small_s2t(seed=0, dropout=0.0)

@@ -28,7 +28,7 @@ def _tp_model(seed: int, groups=None):
 
 
 def _gathered(model, groups) -> dict:
-    from hs_scale.parallel.tp_model import gather_tp_tensor
+    from _tp_helpers import gather_tp_tensor
 
     return {n: gather_tp_tensor(p.detach(), p, groups.tp).clone() for n, p in model.named_parameters()}
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _configs import tiny_model_config
 
 from hs_scale.models import ModelConfig, build_model
 from hs_scale.selection.config import SelectionConfig
@@ -19,15 +20,11 @@ from hs_scale.training.synthetic import PAD, SyntheticConfig, SyntheticTask
 SYNTH = SyntheticConfig(rules=["copy", "reverse", "shift"], num_symbols=8, min_len=3, max_len=6, batch_size=16)
 TASKS = SYNTH.task_names
 FRAMES_PER_TOKEN = 4
-TINY = dict(d_model=32, encoder_layers=2, decoder_layers=2, num_heads=4, ffn_dim=64, vocab_size=SYNTH.vocab_size,
-            dropout=0.0)
 
 
 def model_cfg(arch: str) -> ModelConfig:
-    extra = {}
-    if arch == "s2t":
-        extra = dict(conv_channels=16, conv_kernel_sizes=[5, 3], input_feat_per_channel=SYNTH.vocab_size)
-    return ModelConfig(arch=arch, **TINY, **extra)
+    extra = dict(conv_kernel_sizes=[5, 3], input_feat_per_channel=SYNTH.vocab_size) if arch == "s2t" else {}
+    return tiny_model_config(arch, vocab_size=SYNTH.vocab_size, **extra)
 
 
 def selection_cfg(strategy: str = "group") -> SelectionConfig:

@@ -8,11 +8,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from _configs import micro_model_config  # noqa: E402
 from export_helpers import SYNTH, TASKS, eval_batch, forward, hf_inputs, model_cfg, selection_cfg  # noqa: E402
 
 from hs_scale.export import export_task_from_model  # noqa: E402
 from hs_scale.export.cli import main_export  # noqa: E402
-from hs_scale.models import ModelConfig, build_model  # noqa: E402
+from hs_scale.models import build_model  # noqa: E402
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a small test of the tokenizer export", "hello world again"]
 
@@ -29,9 +30,8 @@ def test_tokenizer_files_reproduce_our_ids(spm_path, tmp_path):
     from hs_scale.data.tokenizer import load_tokenizer
 
     ours = load_tokenizer(spm_path)
-    cfg = ModelConfig(arch="text", d_model=16, encoder_layers=1, decoder_layers=1, num_heads=2, ffn_dim=16,
-                      vocab_size=ours.vocab_size, pad_token_id=ours.pad_id, bos_token_id=ours.bos_id,
-                      eos_token_id=ours.eos_id, decoder_start_token_id=ours.eos_id)
+    cfg = micro_model_config("text", vocab_size=ours.vocab_size, pad_token_id=ours.pad_id, bos_token_id=ours.bos_id,
+                             eos_token_id=ours.eos_id, decoder_start_token_id=ours.eos_id)
     export_task_from_model(build_model(cfg, None, 1), ["en"], "en", str(tmp_path), tokenizer_dir=spm_path,
                            decoder_start_token_id=ours.lang_tag_id("en"))
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
@@ -48,8 +48,7 @@ def test_tokenizer_with_other_special_ids_is_refused(spm_path, tmp_path):
     from hs_scale.data.tokenizer import load_tokenizer
 
     # The spm follows fairseq (bos 0, pad 1, eos 2); a model trained with pad 5 cannot use it.
-    cfg = ModelConfig(arch="text", d_model=16, encoder_layers=1, decoder_layers=1, num_heads=2, ffn_dim=16,
-                      vocab_size=load_tokenizer(spm_path).vocab_size, pad_token_id=5)
+    cfg = micro_model_config("text", vocab_size=load_tokenizer(spm_path).vocab_size, pad_token_id=5)
     with pytest.raises(ValueError, match="pad id 1, the model's pad_token_id is 5"):
         export_task_from_model(build_model(cfg, None, 1), ["en"], "en", str(tmp_path), tokenizer_dir=spm_path)
 
@@ -57,8 +56,7 @@ def test_tokenizer_with_other_special_ids_is_refused(spm_path, tmp_path):
 def test_feature_extractor_matches_hs_scale_fbank(tmp_path):
     from hs_scale.data.features import CMVN, fbank
 
-    cfg = ModelConfig(arch="s2t", d_model=16, encoder_layers=1, decoder_layers=1, num_heads=2, ffn_dim=16,
-                      vocab_size=10, conv_channels=8)
+    cfg = micro_model_config("s2t")
     export_task_from_model(build_model(cfg, None, 1), ["en"], "en", str(tmp_path), cmvn="utterance")
     extractor = transformers.AutoFeatureExtractor.from_pretrained(str(tmp_path))
     wav = np.random.default_rng(0).uniform(-0.5, 0.5, 16_000).astype(np.float32)

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 import yaml
+from _configs import tiny_model_config
 
 from hs_scale.models import ModelConfig
 from hs_scale.models.positions import SinusoidalPositions, make_positions, sinusoid_table
@@ -65,6 +66,30 @@ def test_loads_from_yaml_section():
 def test_invalid_configs_name_field_and_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)
+
+
+def test_every_arch_has_a_model_spec_that_builds_it():
+    from hs_scale.models import MODEL_SPECS, build_model
+    from hs_scale.models.config import ARCHS
+
+    assert sorted(MODEL_SPECS) == sorted(ARCHS)
+    for arch, spec in MODEL_SPECS.items():
+        cfg = tiny_model_config(arch)
+        assert type(build_model(cfg, None, 1)) is spec.model_class and spec.arch == arch
+
+
+@pytest.mark.parametrize("kernels", [[3], [5, 3], [5, 5, 3]])
+def test_subsampled_lengths_is_what_the_convolutions_output(kernels):
+    """The one subsampling formula (masks, pipeline p2p shapes, FLOPs) against the subsampler itself."""
+    from hs_scale.models import build_model
+
+    cfg = tiny_model_config("s2t", conv_kernel_sizes=kernels)
+    conv = build_model(cfg, None, 1).encoder.conv
+    for frames in (1, 2, 7, 8, 9, 16, 33):
+        assert conv(torch.zeros(1, frames, cfg.input_feat_per_channel)).shape[1] == cfg.subsampled_lengths(frames)
+    lengths = torch.tensor([1, 8, 33])
+    assert cfg.subsampled_lengths(lengths).tolist() == [cfg.subsampled_lengths(int(n)) for n in lengths]
+    assert tiny_model_config("text").subsampled_lengths(17) == 17
 
 
 def test_text_arch_ignores_speech_fields_and_allows_other_pad_ids():

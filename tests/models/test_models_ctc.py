@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _configs import tiny_model_config
 
 from hs_scale.models import ModelConfig, build_model
 from hs_scale.models.ctc import ctc_loss_sum
@@ -15,6 +16,12 @@ from hs_scale.training.engine import joint_loss_sum
 from hs_scale.training.loss import token_losses
 
 BLANK = 1
+
+
+def _ctc_config(**overrides) -> ModelConfig:
+    """Two default (kernel-5) subsampling convolutions: enough encoder positions for CTC on short targets."""
+    return tiny_model_config("s2t", decoder_layers=1, num_heads=2, conv_channels=32, conv_kernel_sizes=[5, 5],
+                             input_feat_per_channel=16, **overrides)
 
 
 def _brute_force_ctc(log_probs_SV: torch.Tensor, labels: list[int]) -> float:
@@ -65,15 +72,14 @@ def _speech_batch(V: int):
 @pytest.mark.parametrize("selection", [False, True])
 def test_joint_objective_is_the_weighted_sum_and_trains_the_ctc_head(selection):
     V, w = 12, 0.3
-    cfg = ModelConfig(arch="s2t", d_model=32, encoder_layers=2, decoder_layers=1, num_heads=2, ffn_dim=64,
-                      vocab_size=V, conv_channels=32, input_feat_per_channel=16, dropout=0.0, ctc_weight=w)
+    cfg = _ctc_config(vocab_size=V, ctc_weight=w)
     sel = SelectionConfig(strategy="group", pool_heads=4) if selection else None
     model = build_model(cfg, sel, num_tasks=2).eval()
     batch = _speech_batch(V)
     loss, _, ctc = joint_loss_sum(model, batch, pad_id=1, label_smoothing=0.1, ctc_weight=w)
     logits, ctc_logits, enc_len = model(batch.features, batch.feature_lengths, batch.decoder_input,
                                         batch.src_task, batch.tgt_task, return_ctc=True)
-    assert enc_len.tolist() == model.encoder.conv.output_lengths(batch.feature_lengths).tolist()
+    assert enc_len.tolist() == model.config.subsampled_lengths(batch.feature_lengths).tolist()
     ce, _ = token_losses(logits, batch.target, 1, 0.1)
     want_ctc = ctc_loss_sum(ctc_logits, enc_len, batch.target, batch.target_lengths, blank=1)
     torch.testing.assert_close(ctc, want_ctc)
@@ -97,8 +103,7 @@ def test_export_drops_the_ctc_head_and_keeps_the_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     from hs_scale.export import export_task_from_model
 
-    cfg = ModelConfig(arch="s2t", d_model=32, encoder_layers=2, decoder_layers=1, num_heads=2, ffn_dim=64,
-                      vocab_size=12, conv_channels=32, input_feat_per_channel=16, dropout=0.0, ctc_weight=0.3)
+    cfg = _ctc_config(vocab_size=12, ctc_weight=0.3)
     model = build_model(cfg, SelectionConfig(strategy="group", pool_heads=4), num_tasks=2).eval()
     with torch.no_grad():  # make the two tasks pick different heads
         model.selectors["encoder_self"].logits.normal_(0, 3)

@@ -10,6 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from _configs import tiny_model_config  # noqa: E402
+
 from hs_scale.models import ModelConfig, build_model  # noqa: E402
 from hs_scale.models.hf_names import (  # noqa: E402
     build_hf_config,
@@ -20,24 +22,16 @@ from hs_scale.models.hf_names import (  # noqa: E402
 from hs_scale.selection.config import SelectionConfig  # noqa: E402
 
 PAD = 1
-TINY = dict(
-    d_model=32,
-    encoder_layers=2,
-    decoder_layers=2,
-    num_heads=4,
-    ffn_dim=48,
-    vocab_size=40,
-    dropout=0.2,
-    attention_dropout=0.1,
-    activation_dropout=0.1,
-)
 HF_CLASS = {"s2t": "Speech2TextForConditionalGeneration", "text": "M2M100ForConditionalGeneration"}
 DENSE = SelectionConfig(enabled=False)
 
 
 def tiny_cfg(arch: str, **kw) -> ModelConfig:
-    extra = dict(conv_channels=16, input_feat_per_channel=8, conv_kernel_sizes=[5, 3]) if arch == "s2t" else {}
-    return ModelConfig(arch=arch, **{**TINY, **extra, **kw})
+    """Two subsampling convolutions (s2t) and every dropout on: what HF's layout must match."""
+    extra = dict(conv_kernel_sizes=[5, 3]) if arch == "s2t" else {}
+    return tiny_model_config(
+        arch, ffn_dim=48, vocab_size=40, dropout=0.2, attention_dropout=0.1, activation_dropout=0.1, **{**extra, **kw}
+    )
 
 
 def random_hf(cfg: ModelConfig):

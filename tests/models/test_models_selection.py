@@ -8,27 +8,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _configs import tiny_model_config
 
-from hs_scale.models import ATTENTION_TYPES, ModelConfig, build_model
+from hs_scale.models import ATTENTION_TYPES, build_model
 from hs_scale.selection.config import SelectionConfig
 
 H = 2
-TINY = dict(
-    d_model=16,
-    encoder_layers=2,
-    decoder_layers=2,
-    num_heads=H,
-    ffn_dim=24,
-    vocab_size=30,
-    conv_channels=8,
-    input_feat_per_channel=6,
-    conv_kernel_sizes=[3, 3],
-)
+TINY = dict(d_model=16, num_heads=H, ffn_dim=24, vocab_size=30, conv_channels=8, input_feat_per_channel=6,
+            conv_kernel_sizes=[3, 3])
 
 
 def make(arch="s2t", num_tasks=3, dropout=0.1, seed=0, **selection):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch=arch, dropout=dropout, attention_dropout=dropout, **TINY)
+    cfg = tiny_model_config(arch, dropout=dropout, attention_dropout=dropout, **TINY)
     return build_model(cfg, SelectionConfig(**{"pool_heads": 2 * H, **selection}), num_tasks)
 
 
@@ -174,7 +166,7 @@ def test_selection_table_and_kl_delegate_to_selectors():
     model = make(num_tasks=3)
     table = model.head_selection_table()
     assert set(table) == set(ATTENTION_TYPES)
-    assert len(table["encoder_self"]) == 3 and len(table["encoder_self"][0]) == TINY["encoder_layers"]
+    assert len(table["encoder_self"]) == 3 and len(table["encoder_self"][0]) == model.config.encoder_layers
     assert all(len(heads) == H for heads in table["cross"][2])
     src_B, tgt_B = torch.tensor([0, 0]), torch.tensor([1, 2])
     expected = (

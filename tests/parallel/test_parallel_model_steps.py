@@ -62,9 +62,11 @@ def _step(model, batch):
 
 
 def _tp_model_worker(rank: int, world_size: int, strategy: str) -> dict:
+    from _tp_helpers import expected_tp_collectives, gather_tp_tensor
+
     from hs_scale.parallel.collectives import CollectiveCounter
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
-    from hs_scale.parallel.tp_model import expected_tp_collectives, gather_tp_tensor, parallelize_tensor
+    from hs_scale.parallel.tp_model import parallelize_tensor
 
     groups = init_parallel_groups(ParallelConfig(tensor_parallel=2), seed=0)
     torch.manual_seed(0)

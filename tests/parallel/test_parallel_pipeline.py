@@ -79,11 +79,12 @@ def _reference(dense, microbatches):
 
 
 def _worker(rank: int, world_size: int, tp: int, pp: int, vp: int | None, n_micro: int, ctc: float = 0.0) -> dict:
+    from _tp_helpers import gather_tp_tensor
+
     from hs_scale.parallel.api import build_parallel_engine, forward_backward, parallel_train_step, parallelize_model
     from hs_scale.parallel.collectives import CollectiveCounter
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
     from hs_scale.parallel.pipeline import global_state_dict_layout
-    from hs_scale.parallel.tp_model import gather_tp_tensor
 
     pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, num_microbatches=n_micro)
     groups = init_parallel_groups(pcfg, seed=0)

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from hs_scale.parallel.harness import run_distributed  # noqa: E402
-from hs_scale.parallel.tp_attention import TPHeadSelector, shard_choice  # noqa: E402
+from hs_scale.parallel.tp_attention import shard_choice  # noqa: E402
 from hs_scale.selection.selector import HeadSelector, select_heads, selection_noise  # noqa: E402
 
 D, H, P, K = 32, 4, 8, 3
@@ -41,7 +41,7 @@ def _full_choice(sel: HeadSelector, layer: int, draw: int, partitions: int):
 def test_rank_selection_is_a_slice_of_the_full_draw(strategy):
     torch.manual_seed(0)
     full = HeadSelector(K, 3, P, H, strategy=strategy, seed=11, first_layer=2)
-    ranks = [TPHeadSelector.from_full(full, r, 2) for r in range(2)]
+    ranks = [full.part(rank=r, partitions=2) for r in range(2)]
     for draw in range(3):
         per_rank = [sel() for sel in ranks]
         for layer in range(3):
@@ -61,7 +61,7 @@ def test_tp1_is_the_plain_selector():
         torch.manual_seed(1)
         full = HeadSelector(K, 2, P, H, strategy=strategy, seed=3)
         torch.manual_seed(1)
-        tp1 = TPHeadSelector(K, 2, P, H, tp_rank=0, tp_size=1, strategy=strategy, seed=3)
+        tp1 = HeadSelector(K, 2, P, H, strategy=strategy, seed=3, partitions=1, rank=0)
         assert torch.equal(tp1.logits, full.logits), "constructor draws phi like the single-process selector"
         for _ in range(2):
             for a, b in zip(full(), tp1(), strict=True):
@@ -74,7 +74,7 @@ def test_constructor_slices_the_same_init_and_table_is_global():
     torch.manual_seed(4)
     full = HeadSelector(K, 2, P, H, strategy="subset")
     torch.manual_seed(4)
-    rank1 = TPHeadSelector(K, 2, P, H, tp_rank=1, tp_size=2, strategy="subset")
+    rank1 = HeadSelector(K, 2, P, H, strategy="subset", partitions=2, rank=1)
     assert torch.equal(rank1.logits, full.logits[:, :, P // 2 :])
     assert rank1.logits.tensor_model_parallel and rank1.logits.partition_dim == 2
     rank1.eval()
@@ -101,7 +101,7 @@ def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
 def _tp_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
     from hs_scale.parallel.collectives import CollectiveCounter
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
-    from hs_scale.parallel.tp_attention import TPSelectedHeadAttention
+    from hs_scale.parallel.tp_attention import shard_attention
     from hs_scale.selection.attention import SelectedHeadAttention
 
     g = init_parallel_groups(ParallelConfig(tensor_parallel=2), seed=0)
@@ -110,7 +110,7 @@ def _tp_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
         torch.manual_seed(42)
         dense_layer = case["strategy"] is None
         layer = SelectedHeadAttention(D, H, H if dense_layer else P)
-        tp_layer = TPSelectedHeadAttention.from_dense(layer, g.tp)
+        tp_layer = shard_attention(layer, g.tp)
         B, T, S = 4, 5, 7
         x = torch.randn(B, T, D)
         memory = torch.randn(B, S, D) if case["cross"] else None
@@ -125,7 +125,7 @@ def _tp_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
         else:
             sel = HeadSelector(K, 2, P, H, strategy=case["strategy"], seed=9)
             sel.draws.fill_(5)
-            tp_sel = TPHeadSelector.from_full(sel, g.tp_rank, g.tp_size)
+            tp_sel = sel.part(rank=g.tp_rank, partitions=g.tp_size)
             choice = _full_choice(sel, 1, 5, partitions=2)
             with CollectiveCounter() as c:
                 local = tp_sel()[1]

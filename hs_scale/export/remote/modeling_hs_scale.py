@@ -25,9 +25,10 @@ from transformers import M2M100ForConditionalGeneration, Speech2TextForCondition
 
 from .configuration_hs_scale import HsScaleM2M100Config, HsScaleSpeech2TextConfig
 
-# attention type -> (stack, attribute of the layer) and the side whose task keys it
-_ATTENTION = {"encoder_self": ("encoder", "self_attn"), "decoder_self": ("decoder", "self_attn"),
-              "cross": ("decoder", "encoder_attn")}
+# attention type -> (stack, attribute of the layer, side whose task keys it). A standalone copy of
+# hs_scale.selection.sites (this file ships alone); tests/export/test_export_remote_pins.py pins the two together.
+_ATTENTION = {"encoder_self": ("encoder", "self_attn", "source"), "decoder_self": ("decoder", "self_attn", "target"),
+              "cross": ("decoder", "encoder_attn", "target")}
 
 
 class _ActiveTask:
@@ -41,7 +42,7 @@ class _ActiveTask:
             if self.num_tasks == 1:
                 return 0
             raise ValueError("this model selects heads per task: pass task= to generate(), or use model.use_task()")
-        return self.ids[0] if side == "encoder" else self.ids[1]
+        return self.ids[0] if side == "source" else self.ids[1]
 
 
 class PooledProjection(nn.Linear):
@@ -54,6 +55,7 @@ class PooledProjection(nn.Linear):
         self._active, self._side = active, side
 
     def forward(self, x):
+        # The gather of hs_scale.selection.attention.gather_heads, restated: this file imports nothing of ours.
         heads = torch.tensor(self.heads_per_task[self._active.get(self._side)], device=self.weight.device)
         D = self.weight.shape[1]
         weight = self.weight.view(-1, self.head_dim, D).index_select(0, heads).reshape(-1, D)
@@ -68,8 +70,7 @@ class _HeadSelectionMixin:
         cfg = self.config
         self._active_task = _ActiveTask(max(1, len(cfg.task_names)))
         for attn_type, table in cfg.head_selection.items():
-            stack_name, attr = _ATTENTION[attn_type]
-            side = "encoder" if attn_type == "encoder_self" else "decoder"
+            stack_name, attr, side = _ATTENTION[attn_type]
             for layer_idx, layer in enumerate(getattr(self.model, stack_name).layers):
                 attn = getattr(layer, attr)
                 heads = [per_task[layer_idx] for per_task in table]
@@ -79,7 +80,8 @@ class _HeadSelectionMixin:
                     setattr(attn, name, pooled)
 
     def task_ids(self, task):
-        """(encoder id, decoder id) of "name", "src->tgt" or ("src", "tgt")."""
+        """(encoder id, decoder id) of "name", "src->tgt" or ("src", "tgt"); hs_scale.export.materialize.parse_task,
+        restated (standalone file) and pinned to it by tests/export/test_export_remote_pins.py."""
         if isinstance(task, (tuple, list)):
             src, tgt = task
         elif "->" in task:

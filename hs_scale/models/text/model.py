@@ -32,12 +32,22 @@ class TextTransformer(Seq2SeqModel):
     def embed_tokens(self) -> nn.Embedding:
         return self.decoder.embed_tokens
 
+    def embed_source(self, source_tokens_BS: Tensor) -> Tensor:
+        """x_BSD: the shared table's scaled token embeddings."""
+        return self.embed_tokens(source_tokens_BS) * self.embed_scale
+
+    def source_padding_mask(self, source_tokens_BS: Tensor) -> Tensor:
+        """bool [B, S], True = pad token."""
+        return source_tokens_BS.eq(self.config.pad_token_id)
+
+    @staticmethod
+    def batch_source(batch) -> tuple[Tensor]:
+        return (batch.source_tokens,)
+
     def encode(self, source_tokens_BS: Tensor, src_task_B: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(memory_BSD, memory_padding_mask_BS) from source_tokens_BS (long, padded with pad_token_id).
         Mask: bool, True = pad token."""
-        padding_mask_BS = source_tokens_BS.eq(self.config.pad_token_id)
-        x_BSD = self.embed_tokens(source_tokens_BS) * self.embed_scale
-        return self.encode_embedded(x_BSD, padding_mask_BS, src_task_B), padding_mask_BS
+        return self.encode_source((source_tokens_BS,), src_task_B)
 
     def forward(
         self,
@@ -47,5 +57,5 @@ class TextTransformer(Seq2SeqModel):
         tgt_task_B: Tensor | None = None,
     ) -> Tensor:
         """logits_BLV for teacher-forced decoder inputs (start token + target shifted right, pad-padded)."""
-        memory_BSD, memory_padding_mask_BS = self.encode(source_tokens_BS, src_task_B)
-        return self.decode(decoder_input_BL, memory_BSD, memory_padding_mask_BS, tgt_task_B)
+        hidden, _ = self.forward_stack((source_tokens_BS,), decoder_input_BL, src_task_B, tgt_task_B)
+        return self.output_projection(hidden.decoder_BLD)

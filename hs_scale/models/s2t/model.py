@@ -42,12 +42,6 @@ class Conv1dSubsampler(nn.Module):
             x_BCT = nn.functional.glu(conv(x_BCT), dim=1)
         return x_BCT.transpose(1, 2).contiguous()
 
-    def output_lengths(self, lengths_B: Tensor) -> Tensor:
-        """Frames after subsampling: (L - 1) // 2 + 1 per layer (odd kernels, padding k // 2, stride 2)."""
-        for _ in self.conv_layers:
-            lengths_B = torch.div(lengths_B - 1, 2, rounding_mode="floor") + 1
-        return lengths_B
-
 
 class SpeechEncoder(Encoder):
     """Subsampler + scaling, then the shared encoder stack (so HF's ``model.encoder.conv`` maps to ``encoder.conv``)."""
@@ -56,15 +50,6 @@ class SpeechEncoder(Encoder):
         super().__init__(cfg, pool_heads)
         self.conv = Conv1dSubsampler(cfg)
         self.embed_scale = cfg.d_model**0.5 if cfg.scale_embedding else 1.0
-
-    def embed(self, features_BTF: Tensor, feature_lengths_B: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(x_BSD scaled, padding_mask_BS) with True marking positions past each utterance's subsampled length."""
-        x_BSD = self.conv(features_BTF) * self.embed_scale
-        B, S = x_BSD.shape[:2]
-        if feature_lengths_B is None:
-            return x_BSD, torch.zeros(B, S, dtype=torch.bool, device=x_BSD.device)
-        lengths_B = self.conv.output_lengths(feature_lengths_B.to(x_BSD.device))
-        return x_BSD, torch.arange(S, device=x_BSD.device)[None, :] >= lengths_B[:, None]
 
 
 class S2TTransformer(Seq2SeqModel):
@@ -79,13 +64,29 @@ class S2TTransformer(Seq2SeqModel):
         self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else None
         self.apply(self._init_weights)
 
+    def embed_source(self, features_BTF: Tensor, feature_lengths_B: Tensor | None = None) -> Tensor:
+        """x_BSD: subsampled, scaled filterbanks. Padded frames are convolved too (as in HF); the mask hides them."""
+        return self.encoder.conv(features_BTF) * self.encoder.embed_scale
+
+    def source_padding_mask(self, features_BTF: Tensor, feature_lengths_B: Tensor | None = None) -> Tensor:
+        """bool [B, S], True past each utterance's subsampled length (S = ModelConfig.subsampled_lengths(T))."""
+        B, T = features_BTF.shape[:2]
+        S, device = self.config.subsampled_lengths(T), features_BTF.device
+        if feature_lengths_B is None:
+            return torch.zeros(B, S, dtype=torch.bool, device=device)
+        lengths_B = self.config.subsampled_lengths(feature_lengths_B.to(device))
+        return torch.arange(S, device=device)[None, :] >= lengths_B[:, None]
+
+    @staticmethod
+    def batch_source(batch) -> tuple[Tensor, Tensor | None]:
+        return batch.features, batch.feature_lengths
+
     def encode(
         self, features_BTF: Tensor, feature_lengths_B: Tensor | None = None, src_task_B: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """(memory_BSD, memory_padding_mask_BS) from filterbanks features_BTF [B, T, F] (float, right-padded)
         and feature_lengths_B (long [B] valid frames; None = no padding). Mask: bool, True = padded position."""
-        x_BSD, padding_mask_BS = self.encoder.embed(features_BTF, feature_lengths_B)
-        return self.encode_embedded(x_BSD, padding_mask_BS, src_task_B), padding_mask_BS
+        return self.encode_source((features_BTF, feature_lengths_B), src_task_B)
 
     def forward(
         self,
@@ -101,10 +102,12 @@ class S2TTransformer(Seq2SeqModel):
         With ``return_ctc`` (needs ``model.ctc_weight > 0``): (logits_BLV, ctc_logits_BSV, encoder_lengths_B), the
         CTC head's logits over the encoder positions and each utterance's number of valid positions.
         """
-        memory_BSD, memory_padding_mask_BS = self.encode(features_BTF, feature_lengths_B, src_task_B)
-        logits_BLV = self.decode(decoder_input_BL, memory_BSD, memory_padding_mask_BS, tgt_task_B)
+        hidden, memory_padding_mask_BS = self.forward_stack(
+            (features_BTF, feature_lengths_B), decoder_input_BL, src_task_B, tgt_task_B
+        )
+        logits_BLV = self.output_projection(hidden.decoder_BLD)
         if not return_ctc:
             return logits_BLV
         if self.ctc_head is None:
             raise ValueError("return_ctc needs a CTC head: set model.ctc_weight > 0")
-        return logits_BLV, self.ctc_head(memory_BSD), (~memory_padding_mask_BS).sum(1)
+        return logits_BLV, self.ctc_head(hidden.memory_BSD), (~memory_padding_mask_BS).sum(1)
