@@ -92,9 +92,6 @@ class Config:
             if p.engine != "megatron_ddp":
                 raise ConfigError(f"parallel.engine={p.engine!r} with tensor/pipeline parallelism is not supported "
                                   "by the trainer; use parallel.engine=megatron_ddp (ZeRO runs with tp=pp=1)")
-            if self.selection.kl_weight > 0:
-                raise ConfigError("selection.kl_weight > 0 is not supported with tensor/pipeline parallelism yet "
-                                  "(a stage's KL term needs an auxiliary loss); set selection.kl_weight=0")
         try:
             validate_layout(
                 p,

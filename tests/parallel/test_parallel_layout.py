@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from support.harness import run_distributed
 
-from hs_scale.parallel.harness import run_distributed
 from hs_scale.parallel.layout import (
     LayoutError,
     ParallelConfig,

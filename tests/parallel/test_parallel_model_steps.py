@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from hs_scale.parallel.harness import run_distributed  # noqa: E402
+from support.harness import run_distributed  # noqa: E402
 
 ENC, DEC = 2, 2
 
@@ -62,7 +62,8 @@ def _step(model, batch):
 
 
 def _tp_model_worker(rank: int, world_size: int, strategy: str) -> dict:
-    from hs_scale.parallel.collectives import CollectiveCounter
+    from support.collectives import CollectiveCounter
+
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
     from hs_scale.parallel.tp_model import expected_tp_collectives, gather_tp_tensor, parallelize_tensor
 
@@ -144,8 +145,9 @@ def _rows(batch, rows):
 
 
 def _dp_worker(rank: int, world_size: int, engine_name: str, steps: int) -> dict:
-    from hs_scale.parallel.collectives import CollectiveCounter
-    from hs_scale.parallel.data_parallel import _adamw, build_engine
+    from support.collectives import CollectiveCounter
+    from support.dp_engines import adamw, build_engine
+
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
 
     cfg = ParallelConfig(engine=engine_name, zero_stage=2 if engine_name == "deepspeed" else 0)
@@ -154,7 +156,7 @@ def _dp_worker(rank: int, world_size: int, engine_name: str, steps: int) -> dict
     dense = _small_s2t("group")
     model = copy.deepcopy(dense)
     engine = build_engine(model, cfg, groups, lr=1e-3)
-    ref_opt = _adamw(dense.parameters(), lr=1e-3)
+    ref_opt = adamw(dense.parameters(), lr=1e-3)
     batch = _batch()
     local = _rows(batch, slice(2 * rank, 2 * rank + 2))
     local_tokens = int(local[3].ne(1).sum())
