@@ -38,6 +38,10 @@ class SyntheticSource:
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
 
+    def stats(self) -> dict:
+        """Nothing to report: the synthetic task has no files and no bad samples."""
+        return {}
+
 
 class CorpusSource:
     def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int, grad_accum: int, eval_split: str = "dev"):
