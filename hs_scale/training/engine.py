@@ -80,16 +80,16 @@ def gather_selection_table(modules: list[nn.Module], groups: ParallelGroups | No
         everyone = [None] * (groups.tp_size * groups.pp_size)
         dist.all_gather_object(everyone, pieces, group=parallel_state.get_model_parallel_group())
         pieces = [p for rank_pieces in everyone for p in rank_pieces]
-    tables: dict = {}
-    for name, first, _, table in sorted(pieces, key=lambda p: (p[0], p[1], p[2])):
-        full = tables.setdefault(name, [[] for _ in table])
+    order = list(dict.fromkeys(p[0] for p in pieces))  # the model's type order (first stage's types first)
+    tables: dict = {name: None for name in order}
+    for name, first, _, table in sorted(pieces, key=lambda p: (order.index(p[0]), p[1], p[2])):
+        full = tables[name] = tables[name] or [[] for _ in table]
         for k, per_layer in enumerate(table):
             for j, heads in enumerate(per_layer):
                 while len(full[k]) <= first + j:
                     full[k].append([])
                 full[k][first + j] += heads
-    order = {name: i for i, name in enumerate(getattr(modules[0], "selectors", {}))}
-    return dict(sorted(tables.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return tables
 
 
 class StepEngine:
@@ -321,7 +321,7 @@ class StepEngine:
         engine.backward(loss)
         engine.step()
         self.scheduler.step()
-        if isinstance(self.optimizer, ZeroCheckpointOptimizer):  # the full state a checkpoint gathered is stale now: free it
+        if isinstance(self.optimizer, ZeroCheckpointOptimizer):  # a checkpoint's gathered state is stale: free it
             self.optimizer.release()
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
