@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 # Integer fields of parallel: whose ranges the layout arithmetic assumes (0 would divide by zero).
 _PARALLEL_MINIMUM = {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1, "virtual_pipeline": 1,
-                     "num_microbatches": 1, "zero_stage": 0, "timeout_minutes": 1}
+                     "zero_stage": 0, "timeout_minutes": 1}
 
 
 @dataclass
@@ -84,10 +84,6 @@ class Config:
             if value is not None and value < minimum:
                 raise ConfigError(f"parallel.{name}={value} is out of range: must be >= {minimum}"
                                   + (" (or unset: one per process)" if name == "data_parallel" else ""))
-        if p.num_microbatches not in (1, self.train.grad_accum):
-            raise ConfigError(f"parallel.num_microbatches={p.num_microbatches} is taken from train.grad_accum="
-                              f"{self.train.grad_accum}; remove it and set train.grad_accum instead")
-        p.num_microbatches = self.train.grad_accum
         if p.model_parallel > 1:
             if p.engine != "megatron_ddp":
                 raise ConfigError(f"parallel.engine={p.engine!r} with tensor/pipeline parallelism is not supported "
@@ -103,6 +99,7 @@ class Config:
                 ffn_dim=self.model.ffn_dim,
                 vocab_size=padded_vocab_size(self.model.vocab_size, p.tensor_parallel),
                 strategy=self.selection.strategy,
+                num_microbatches=self.train.grad_accum,
             )
         except ValueError as err:
             raise ConfigError(f"parallel: {err}") from None

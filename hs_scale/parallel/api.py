@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hs_scale.parallel.layout import ParallelConfig, ParallelGroups, padded_vocab_size, validate_layout
+from hs_scale.parallel.layout import ParallelConfig, ParallelGroups, padded_vocab_size
 from hs_scale.parallel.pipeline import PipelineChunk, embedding_chunks
 
 
@@ -56,21 +56,14 @@ def megatron_config(model_cfg, parallel_cfg: ParallelConfig):
 
 
 def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, groups: ParallelGroups, label_smoothing=0.0):
-    """This rank's model chunks (vp of them) cut from a built single-device model (consumed: do not reuse it)."""
+    """This rank's model chunks (vp of them) cut from a built single-device model (consumed: do not reuse it).
+
+    The layout is validated once, where the config is loaded (hs_scale.config: `validate_layout`); direct users of
+    this API call validate_layout themselves.
+    """
     from hs_scale.parallel.tp_model import parallelize_tensor
 
-    cfg, sel = model.config, model.selection_config
-    validate_layout(
-        parallel_cfg,
-        world_size=dist.get_world_size(),
-        num_heads=cfg.num_heads,
-        pool_heads=sel.pool_heads if sel.enabled else cfg.num_heads,
-        encoder_layers=cfg.encoder_layers,
-        decoder_layers=cfg.decoder_layers,
-        ffn_dim=cfg.ffn_dim,
-        vocab_size=padded_vocab_size(cfg.vocab_size, parallel_cfg.tensor_parallel),
-        strategy=sel.strategy,
-    )
+    cfg = model.config
     parallelize_tensor(model, groups)
     tconfig = megatron_config(cfg, parallel_cfg)
     vp = parallel_cfg.virtual_pipeline or 1

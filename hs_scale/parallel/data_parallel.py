@@ -37,19 +37,18 @@ def wrap_megatron_ddp(module: nn.Module, cfg: ParallelConfig, model_config=None,
     return ddp
 
 
-def deepspeed_config(parallel_cfg: ParallelConfig, *, grad_accum: int = 1, clip_norm: float = 0.0) -> dict:
+def deepspeed_config(parallel_cfg: ParallelConfig, *, clip_norm: float = 0.0) -> dict:
     """The ds_config of hs_scale's DeepSpeed engine: the single source of what DeepSpeed is told.
 
     Only what hs_scale's config decides: ZeRO stage, bf16, gradient clipping, and DeepSpeed's batch bookkeeping.
     The optimizer is a client torch AdamW and the LR schedule a torch LambdaLR on it (never a ds_config
     "optimizer"/"scheduler"); batches are token-budgeted by hs_scale.data, so the micro-batch size is nominal.
-    grad_accum: DeepSpeed's gradient_accumulation_steps, i.e. backward() calls per step(); the trainer sums its
-    micro-batches before one backward (1), the pipeline/TP engine steps after every micro-batch.
+    gradient_accumulation_steps is 1: the step engine sums its micro-batches' losses before the one backward().
     hs_scale.launch.ds_config prints this and checks hand-written ds_config files against it.
     """
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": int(grad_accum),
+        "gradient_accumulation_steps": 1,
         "gradient_clipping": float(clip_norm),
         "zero_optimization": {"stage": parallel_cfg.zero_stage},
         "bf16": {"enabled": bool(parallel_cfg.bf16)},
@@ -57,11 +56,11 @@ def deepspeed_config(parallel_cfg: ParallelConfig, *, grad_accum: int = 1, clip_
     }
 
 
-def wrap_deepspeed(module: nn.Module, optimizer, cfg: ParallelConfig, *, grad_accum: int = 1, clip_norm: float = 0.0,
+def wrap_deepspeed(module: nn.Module, optimizer, cfg: ParallelConfig, *, clip_norm: float = 0.0,
                    mpu=None) -> nn.Module:
     """A DeepSpeed engine (ZeRO stage cfg.zero_stage) around `module` with a client torch optimizer.
 
-    The ds_config is `deepspeed_config(cfg, grad_accum=..., clip_norm=...)`. mpu: megatron's parallel_state when
+    The ds_config is `deepspeed_config(cfg, clip_norm=...)`. mpu: megatron's parallel_state when
     tensor-parallel ranks hold different shards (gradients then reduce over the dp group only).
     NOTE: ZeRO 1/2 replaces the client optimizer's params with flat fp32 partitions (its param_groups dicts stay
     the same objects, so a scheduler built on it still drives the lr DeepSpeed applies); checkpoint it through
@@ -70,7 +69,7 @@ def wrap_deepspeed(module: nn.Module, optimizer, cfg: ParallelConfig, *, grad_ac
     _skip_deepspeed_shm_build()
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, grad_accum=grad_accum, clip_norm=clip_norm)
+    ds_config = deepspeed_config(cfg, clip_norm=clip_norm)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu,
                                            dist_init_required=False)
     return engine

@@ -46,7 +46,7 @@ def _engine(tp: int, pp: int, seed: int, groups=None):
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
     from hs_scale.training.engine import StepEngine
 
-    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, num_microbatches=N_MICRO)
+    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     groups = groups or init_parallel_groups(pcfg, seed=0)
     model = small_s2t(seed, dropout=0.0)
     return StepEngine(model, _train_config(), model.selection_config, pcfg, groups, 3, torch.device("cpu")), groups

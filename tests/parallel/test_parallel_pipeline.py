@@ -78,7 +78,7 @@ def _worker(rank: int, world_size: int, tp: int, pp: int, vp: int | None, n_micr
     from hs_scale.training.config import TrainConfig
     from hs_scale.training.engine import StepEngine
 
-    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, num_microbatches=n_micro)
+    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp)
     groups = init_parallel_groups(pcfg, seed=0)
     torch.manual_seed(0)
     dense = small_s2t(ctc_weight=ctc)
