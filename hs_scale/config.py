@@ -22,11 +22,11 @@ from typing import Any
 import yaml
 
 from hs_scale.data.config import DataConfig
+from hs_scale.data.synthetic import SyntheticConfig
 from hs_scale.models.config import ModelConfig
 from hs_scale.parallel.layout import ParallelConfig, padded_vocab_size, validate_layout
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
-from hs_scale.training.synthetic import SyntheticConfig
 
 
 class ConfigError(ValueError):
