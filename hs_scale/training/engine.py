@@ -200,13 +200,13 @@ class StepEngine:
         for m in self.modules:
             m.eval()
         K = len(task_names)
-        sums = torch.zeros(2 + 3 * K)
+        sums = torch.zeros(2 + 3 * K, device=self.device)
         for batch in batches:
             if batch.is_padding:  # repeated to keep ranks in step; not data
                 continue
             batch = self._on_device(batch)
-            sums += self._run([batch], 1.0, forward_only=True).cpu()
-        sums = self._reduce(sums)
+            sums += self._run([batch], 1.0, forward_only=True)
+        sums = self._reduce(sums).cpu()
         for m in self.modules:
             m.train()
         nll, tok, hits = sums[2:2 + K], sums[2 + K:2 + 2 * K], sums[2 + 2 * K:]
@@ -239,13 +239,14 @@ class StepEngine:
         return stack
 
     def _global_tokens(self, batches: list) -> float:
-        tokens = torch.tensor([float(sum(self.objective.num_tokens(b) for b in batches))])
+        tokens = torch.tensor([float(sum(self.objective.num_tokens(b) for b in batches))], device=self.device)
         if self.groups is not None and self.dp_size > 1:
             dist.all_reduce(tokens, group=self.groups.dp)
         return float(tokens[0])
 
     def _reduce(self, stats: Tensor) -> Tensor:
-        """Sum the reported sums over pp (only the last stage computed them) and dp."""
+        """Sum the reported sums (on the device: NCCL reduces CUDA tensors) over pp (only the last stage computed
+        them) and dp."""
         if self.pipelined:
             dist.all_reduce(stats, group=self.groups.pp)
         if self.groups is not None and self.dp_size > 1:
@@ -265,14 +266,14 @@ class StepEngine:
             return self.objective(model, batch, label_smoothing=self.cfg.label_smoothing, with_hits=forward_only)
 
     def _account(self, out: ObjectiveOutput) -> Tensor:
-        """float [2 + 3K] on CPU: loss sum, CTC sum, then nll, tokens and correct tokens per task."""
-        ctc = torch.zeros(()) if out.ctc_sum is None else out.ctc_sum.detach().float().cpu()
-        per_task = out.per_task(self.num_tasks).cpu().flatten()
-        return torch.cat([out.loss_sum.detach().float().cpu().reshape(1), ctc.reshape(1), per_task])
+        """float [2 + 3K] on the device: loss sum, CTC sum, then nll, tokens and correct tokens per task."""
+        loss = out.loss_sum.detach().float().reshape(1).to(self.device)
+        ctc = torch.zeros(1, device=self.device) if out.ctc_sum is None else out.ctc_sum.float().reshape(1)
+        return torch.cat([loss, ctc.to(self.device), out.per_task(self.num_tasks).flatten().to(self.device)])
 
     def _run(self, batches: list, tokens: float, forward_only: bool) -> Tensor:
         """Forward (and backward unless forward_only) of every micro-batch; this rank's summed accounting."""
-        stats = torch.zeros(2 + 3 * self.num_tasks)
+        stats = torch.zeros(2 + 3 * self.num_tasks, device=self.device)
         if self.pipelined:
             def forward_step(batch, model):
                 out = model(batch)
@@ -300,7 +301,7 @@ class StepEngine:
         return stats
 
     def _result(self, stats: Tensor, global_tokens: float, grad_norm: float, skipped: bool) -> StepResult:
-        K, n = self.num_tasks, max(global_tokens, 1.0)
+        K, n, stats = self.num_tasks, max(global_tokens, 1.0), stats.cpu()
         ctc = float(stats[1]) / n if self._ctc else float("nan")
         return StepResult(float(stats[0]) / n, int(global_tokens), grad_norm, stats[2:2 + K], stats[2 + K:2 + 2 * K],
                           skipped, ctc)
