@@ -128,12 +128,13 @@ class StepEngine:
             self.wrapped = [wrap_megatron_ddp(m, parallel_cfg, m.config if self.staged else None,
                                               disable_bucketing=i > 0) for i, m in enumerate(self.modules)]
         elif self.kind == "deepspeed":
-            from megatron.core import parallel_state
-
             (module,) = self.modules  # validate_layout refuses pp > 1 with deepspeed
+            mpu = None
+            if self.staged:  # TP shards differ per rank: DeepSpeed must reduce gradients over the dp group only
+                from megatron.core import parallel_state as mpu
             # hs_scale sums its micro-batches before the one backward: DeepSpeed accumulates nothing itself.
             self.wrapped = [wrap_deepspeed(module, self.optimizer, parallel_cfg, clip_norm=train_cfg.clip_norm,
-                                           mpu=parallel_state if self.staged else None)]
+                                           mpu=mpu)]
             # ZeRO 1/2 swapped the client AdamW's params for flat partitions: checkpoints see per-parameter state
             # through this view (ZeRO 0: the client AdamW itself). The scheduler keeps driving the client's lr.
             self.optimizer = checkpoint_optimizer(self.wrapped[0])
@@ -200,12 +201,15 @@ class StepEngine:
         for m in self.modules:
             m.eval()
         K = len(task_names)
+        real = (self._on_device(b) for b in batches if not b.is_padding)  # padding batches keep ranks in step
+        if self.pipelined:  # one schedule over every batch (an interleaved one needs several micro-batches)
+            real = list(real)
+            runs = [real] if real else []
+        else:  # streamed: one batch on the device at a time
+            runs = ([b] for b in real)
         sums = torch.zeros(2 + 3 * K, device=self.device)
-        for batch in batches:
-            if batch.is_padding:  # repeated to keep ranks in step; not data
-                continue
-            batch = self._on_device(batch)
-            sums += self._run([batch], 1.0, forward_only=True)
+        for run in runs:
+            sums += self._run(run, 1.0, forward_only=True)
         sums = self._reduce(sums).cpu()
         for m in self.modules:
             m.train()
@@ -286,8 +290,7 @@ class StepEngine:
 
                 return out["loss_sum"], loss_func
 
-            models = self.modules if forward_only else self.wrapped
-            for report in run_pipeline_schedule(models, self.modules, batches, forward_step, forward_only):
+            for report in run_pipeline_schedule(self.wrapped, self.modules, batches, forward_step, forward_only):
                 stats += report["stats"]
             return stats
         (model,) = self.modules if forward_only else self.wrapped
