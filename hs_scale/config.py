@@ -24,12 +24,12 @@ from typing import Any
 import yaml
 
 from hs_scale.data.config import DataConfig
+from hs_scale.data.synthetic import SyntheticConfig
 from hs_scale.models.config import ModelConfig
 from hs_scale.models.registry import MODEL_SPECS
 from hs_scale.parallel.layout import ParallelConfig, padded_vocab_size, validate_layout
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
-from hs_scale.training.synthetic import SyntheticConfig
 
 
 class ConfigError(ValueError):
@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 
 # Integer fields of parallel: whose ranges the layout arithmetic assumes (0 would divide by zero).
 _PARALLEL_MINIMUM = {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1, "virtual_pipeline": 1,
-                     "num_microbatches": 1, "zero_stage": 0, "timeout_minutes": 1}
+                     "zero_stage": 0, "timeout_minutes": 1}
 
 
 @dataclass
@@ -83,17 +83,10 @@ class Config:
             if value is not None and value < minimum:
                 raise ConfigError(f"parallel.{name}={value} is out of range: must be >= {minimum}"
                                   + (" (or unset: one per process)" if name == "data_parallel" else ""))
-        if p.num_microbatches not in (1, self.train.grad_accum):
-            raise ConfigError(f"parallel.num_microbatches={p.num_microbatches} is taken from train.grad_accum="
-                              f"{self.train.grad_accum}; remove it and set train.grad_accum instead")
-        p.num_microbatches = self.train.grad_accum
         if p.model_parallel > 1:
             if p.engine != "megatron_ddp":
                 raise ConfigError(f"parallel.engine={p.engine!r} with tensor/pipeline parallelism is not supported "
                                   "by the trainer; use parallel.engine=megatron_ddp (ZeRO runs with tp=pp=1)")
-            if self.selection.kl_weight > 0:
-                raise ConfigError("selection.kl_weight > 0 is not supported with tensor/pipeline parallelism yet "
-                                  "(a stage's KL term needs an auxiliary loss); set selection.kl_weight=0")
         try:
             validate_layout(
                 p,
@@ -105,6 +98,7 @@ class Config:
                 ffn_dim=self.model.ffn_dim,
                 vocab_size=padded_vocab_size(self.model.vocab_size, p.tensor_parallel),
                 strategy=self.selection.strategy,
+                num_microbatches=self.train.grad_accum,
             )
         except ValueError as err:  # heads vs pool vs TP (selection.config.head_problems), layers, ranks, engine
             raise ConfigError(str(err)) from None

@@ -203,7 +203,7 @@ def task_names_of(cfg) -> list[str]:
 def eval_inputs(cfg, split: str, metric: str) -> tuple[list | object, Callable[[list[int]], str], str]:
     """(batches, tokenizer_decode, metric) for ``split``; ``metric`` "auto" is resolved here."""
     if cfg.synthetic is not None:
-        from hs_scale.training.synthetic import SyntheticTask
+        from hs_scale.data.synthetic import SyntheticTask
 
         task = SyntheticTask(cfg.synthetic)
         if split not in task._SPLIT_SALT:

@@ -40,7 +40,7 @@ def resolve_decoder_start(config_dict: dict | None, task_names: list[str], decod
     config_dict = config_dict or {}
     model = config_dict.get("model") or {}
     if config_dict.get("synthetic"):
-        from hs_scale.training.synthetic import SyntheticConfig, SyntheticTask
+        from hs_scale.data.synthetic import SyntheticConfig, SyntheticTask
 
         synthetic = SyntheticTask(SyntheticConfig(**config_dict["synthetic"]))
         return synthetic.tag(list(task_names).index(decoder_task))

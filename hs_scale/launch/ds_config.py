@@ -22,7 +22,7 @@ def derive(cfg) -> dict:
     settings (it sums its micro-batches before one backward, hence gradient_accumulation_steps 1)."""
     from hs_scale.parallel.data_parallel import deepspeed_config
 
-    return deepspeed_config(cfg.parallel, grad_accum=1, clip_norm=cfg.train.clip_norm)
+    return deepspeed_config(cfg.parallel, clip_norm=cfg.train.clip_norm)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

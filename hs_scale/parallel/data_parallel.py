@@ -1,13 +1,5 @@
-"""Data-parallel engines behind one config switch (`ParallelConfig.engine`): megatron-core DDP or DeepSpeed ZeRO.
-
-    engine = build_engine(model, cfg, groups, lr=5e-4)
-    loss = engine.step(lambda m: loss_sum(m, local_batch), num_tokens=local_target_tokens)
-
-Loss semantics (both engines): `loss_fn` returns the *sum* of this rank's token losses; the engine all-reduces
-the token count over the data-parallel group first and backpropagates loss_sum / global_tokens, so the update
-equals the single-process token-mean over the whole global batch whatever the per-rank token counts are.
-Collectives per step: 2 scalar all-reduces (token count, reported loss) plus the engine's gradient reduction
-(megatron: one all-reduce per grad bucket; DeepSpeed ZeRO-2: its reduce(-scatter)s and the parameter all-gather).
+"""The two data-parallel wrappers behind one config switch (`ParallelConfig.engine`): megatron-core DDP or
+DeepSpeed ZeRO. The step engine (hs_scale.training.engine) wraps the model (or each pipeline chunk) with them.
 
 megatron_ddp on CPU: megatron's own optimizer assumes CUDA, so a plain torch AdamW steps on `main_grad`
 (megatron's fp32 grad buffer, reduced over dp) copied into `.grad` (docs/stack.md).
@@ -17,15 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
-from hs_scale.parallel.layout import ParallelConfig, ParallelGroups
-
-
-def _adamw(params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, weight_decay: float = 0.0):
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+from hs_scale.parallel.layout import ParallelConfig
 
 
 def wrap_megatron_ddp(module: nn.Module, cfg: ParallelConfig, model_config=None, disable_bucketing=False) -> nn.Module:
@@ -51,19 +37,18 @@ def wrap_megatron_ddp(module: nn.Module, cfg: ParallelConfig, model_config=None,
     return ddp
 
 
-def deepspeed_config(parallel_cfg: ParallelConfig, *, grad_accum: int = 1, clip_norm: float = 0.0) -> dict:
+def deepspeed_config(parallel_cfg: ParallelConfig, *, clip_norm: float = 0.0) -> dict:
     """The ds_config of hs_scale's DeepSpeed engine: the single source of what DeepSpeed is told.
 
     Only what hs_scale's config decides: ZeRO stage, bf16, gradient clipping, and DeepSpeed's batch bookkeeping.
     The optimizer is a client torch AdamW and the LR schedule a torch LambdaLR on it (never a ds_config
     "optimizer"/"scheduler"); batches are token-budgeted by hs_scale.data, so the micro-batch size is nominal.
-    grad_accum: DeepSpeed's gradient_accumulation_steps, i.e. backward() calls per step(); the trainer sums its
-    micro-batches before one backward (1), the pipeline/TP engine steps after every micro-batch.
+    gradient_accumulation_steps is 1: the step engine sums its micro-batches' losses before the one backward().
     hs_scale.launch.ds_config prints this and checks hand-written ds_config files against it.
     """
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": int(grad_accum),
+        "gradient_accumulation_steps": 1,
         "gradient_clipping": float(clip_norm),
         "zero_optimization": {"stage": parallel_cfg.zero_stage},
         "bf16": {"enabled": bool(parallel_cfg.bf16)},
@@ -71,11 +56,11 @@ def deepspeed_config(parallel_cfg: ParallelConfig, *, grad_accum: int = 1, clip_
     }
 
 
-def wrap_deepspeed(module: nn.Module, optimizer, cfg: ParallelConfig, *, grad_accum: int = 1, clip_norm: float = 0.0,
+def wrap_deepspeed(module: nn.Module, optimizer, cfg: ParallelConfig, *, clip_norm: float = 0.0,
                    mpu=None) -> nn.Module:
     """A DeepSpeed engine (ZeRO stage cfg.zero_stage) around `module` with a client torch optimizer.
 
-    The ds_config is `deepspeed_config(cfg, grad_accum=..., clip_norm=...)`. mpu: megatron's parallel_state when
+    The ds_config is `deepspeed_config(cfg, clip_norm=...)`. mpu: megatron's parallel_state when
     tensor-parallel ranks hold different shards (gradients then reduce over the dp group only).
     NOTE: ZeRO 1/2 replaces the client optimizer's params with flat fp32 partitions (its param_groups dicts stay
     the same objects, so a scheduler built on it still drives the lr DeepSpeed applies); checkpoint it through
@@ -84,42 +69,10 @@ def wrap_deepspeed(module: nn.Module, optimizer, cfg: ParallelConfig, *, grad_ac
     _skip_deepspeed_shm_build()
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, grad_accum=grad_accum, clip_norm=clip_norm)
+    ds_config = deepspeed_config(cfg, clip_norm=clip_norm)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu,
                                            dist_init_required=False)
     return engine
-
-
-class MegatronDDPEngine:
-    """megatron-core DistributedDataParallel + torch AdamW on main_grad."""
-
-    def __init__(self, model: nn.Module, cfg: ParallelConfig, groups: ParallelGroups, **optim):
-        self.groups = groups
-        self.model = wrap_megatron_ddp(model, cfg)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = _adamw(self.params, **optim)
-
-    def step(self, loss_fn, num_tokens: int, inspect_grads=None) -> float:
-        """One optimizer step; returns the global token-mean loss.
-
-        inspect_grads: optional callable(dict name -> full reduced grad), called before the optimizer step (tests);
-            the tensors alias megatron's grad buffer, which the next step overwrites: clone what you keep.
-        """
-        tokens = torch.tensor([float(num_tokens)])
-        dist.all_reduce(tokens, group=self.groups.dp)
-        self.model.zero_grad_buffer()
-        loss_sum = loss_fn(self.model)
-        (loss_sum / tokens).backward()
-        self.model.finish_grad_sync()
-        for p in self.params:
-            p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
-        if inspect_grads is not None:
-            inspect_grads({n: p.grad for n, p in self.model.module.named_parameters() if p.requires_grad})
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        report = loss_sum.detach().reshape(1).clone()
-        dist.all_reduce(report, group=self.groups.dp)
-        return (report / tokens).item()
 
 
 def _skip_deepspeed_shm_build() -> None:
@@ -129,39 +82,3 @@ def _skip_deepspeed_shm_build() -> None:
     """
     module = importlib.import_module("deepspeed.comm.torch")
     module.build_shm_op = lambda: None
-
-
-class DeepSpeedEngine:
-    """DeepSpeed engine with ZeRO stage cfg.zero_stage (0/1/2) and a client torch AdamW (no JIT FusedAdam)."""
-
-    def __init__(
-        self, model: nn.Module, cfg: ParallelConfig, groups: ParallelGroups, **optim
-    ):
-        self.groups, self.dp = groups, groups.dp_size
-        self.model = wrap_deepspeed(model, _adamw(model.parameters(), **optim), cfg)
-        self.optimizer = self.model.optimizer
-
-    def step(self, loss_fn, num_tokens: int, inspect_grads=None) -> float:
-        """One optimizer step; returns the global token-mean loss (inspect_grads: see MegatronDDPEngine.step)."""
-        tokens = torch.tensor([float(num_tokens)])
-        dist.all_reduce(tokens, group=self.groups.dp)
-        loss_sum = loss_fn(self.model)
-        # DeepSpeed averages gradients over dp: scale by dp so the result is the sum / global tokens.
-        self.model.backward(loss_sum * (self.dp / tokens.item()))
-        if inspect_grads is not None:
-            from deepspeed.utils import safe_get_full_grad
-
-            inspect_grads({n: safe_get_full_grad(p) for n, p in self.model.module.named_parameters()})
-        self.model.step()
-        report = loss_sum.detach().float().reshape(1).clone()
-        dist.all_reduce(report, group=self.groups.dp)
-        return (report / tokens).item()
-
-
-def build_engine(model: nn.Module, cfg: ParallelConfig, groups: ParallelGroups, **kwargs):
-    """The data-parallel engine `cfg.engine` selects ("megatron_ddp" or "deepspeed")."""
-    if cfg.engine == "megatron_ddp":
-        return MegatronDDPEngine(model, cfg, groups, **kwargs)
-    if cfg.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, groups, **kwargs)
-    raise ValueError(f"engine={cfg.engine!r} is unknown; use 'megatron_ddp' or 'deepspeed'")

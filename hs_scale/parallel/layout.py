@@ -39,10 +39,6 @@ class ParallelConfig:
     virtual_pipeline: int | None = None
     """Model chunks per pipeline stage (interleaved 1F1B); None or 1 is plain 1F1B."""
 
-    num_microbatches: int = 1
-    """Micro-batches per optimizer step (pipeline schedule and gradient accumulation). In a run config it is
-    taken from train.grad_accum (leave it unset there); set it directly only when using hs_scale.parallel alone."""
-
     engine: str = "megatron_ddp"
     """Data-parallel engine: "megatron_ddp" (megatron-core DDP, distributed optimizer where CUDA allows) or
     "deepspeed" (DeepSpeed engine with ZeRO stage `zero_stage`)."""
@@ -132,9 +128,9 @@ def check_pipeline(
         )
     if virtual and virtual > 1 and (num_microbatches < pp or num_microbatches % pp):
         problems.append(
-            f"interleaved pipeline (virtual_pipeline={virtual}) needs num_microbatches to be a multiple of "
-            f"pipeline_parallel={pp} (got {num_microbatches}); "
-            f"set num_microbatches={max(pp, num_microbatches // pp * pp)}"
+            f"interleaved pipeline (virtual_pipeline={virtual}) needs the micro-batches per step (train.grad_accum) "
+            f"to be a multiple of pipeline_parallel={pp} (got {num_microbatches}); "
+            f"set train.grad_accum={max(pp, num_microbatches // pp * pp)}"
         )
     return problems
 
@@ -210,22 +206,25 @@ def validate_layout(
     vocab_size: int | None = None,
     strategy: str = "group",
     cuda: bool | None = None,
+    num_microbatches: int = 1,
 ) -> int:
     """Raise LayoutError listing every problem; return the data-parallel size.
 
     vocab_size is the size the embedding is built with (pad it first with `padded_vocab_size`).
+    num_microbatches: micro-batches per optimizer step (train.grad_accum), which an interleaved pipeline needs to be
+    a multiple of pipeline_parallel.
     """
     tp, pp = cfg.tensor_parallel, cfg.pipeline_parallel
     problems = check_world(world_size, tp, pp, cfg.data_parallel)
     if not problems:
         problems += check_heads(num_heads, pool_heads, tp, strategy)
-        problems += check_pipeline(encoder_layers, decoder_layers, pp, cfg.virtual_pipeline, cfg.num_microbatches)
+        problems += check_pipeline(encoder_layers, decoder_layers, pp, cfg.virtual_pipeline, num_microbatches)
         if ffn_dim is not None:
             problems += check_ffn(ffn_dim, tp)
         if vocab_size is not None:
             problems += check_vocab(vocab_size, tp)
-    if cfg.num_microbatches < 1:
-        problems.append(f"num_microbatches={cfg.num_microbatches} must be >= 1")
+    if num_microbatches < 1:
+        problems.append(f"num_microbatches={num_microbatches} must be >= 1")
     problems += check_engine(cfg, cuda)
     if problems:
         raise LayoutError("invalid layout of heads, layers and ranks:\n  - " + "\n  - ".join(problems))

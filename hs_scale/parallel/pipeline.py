@@ -188,7 +188,7 @@ class PipelineChunk(nn.Module):
 
     def forward(self, batch):
         """Non-last chunk: the p2p tensor (x_BSD, memory_BSD or cat([memory_BSD, y_BLD], 1)).
-        Last chunk: {"loss_sum": smoothed CE sum (scalar, differentiable), "nll_sum", "tokens"}."""
+        Last chunk: {"loss_sum": smoothed CE sum (scalar, differentiable), "nll_BL" (per token), "tokens"}."""
         S, L = source_length(self.model_config, batch), batch.decoder_input.shape[1]
         x = self.input_tensor
         if x is not None and self.p2p_shape is not None:  # fixed-shape p2p: drop the padding
@@ -216,7 +216,7 @@ class PipelineChunk(nn.Module):
         """Vocab-parallel label-smoothed CE sums over the non-pad targets of this micro-batch."""
         cfg, head = self.model_config, self.model.lm_head or self.model.decoder.embed_tokens
         logits_BLV = local_logits(h_BLD, head.weight, self.groups.tp)
-        loss_sum, nll_sum, tokens = vocab_parallel_label_smoothed_ce(
+        loss_sum, nll_N, tokens = vocab_parallel_label_smoothed_ce(
             logits_BLV.flatten(0, 1),
             target_BL.flatten(),
             vocab_start=head.vocab_start,
@@ -225,7 +225,7 @@ class PipelineChunk(nn.Module):
             label_smoothing=self.label_smoothing,
             tp_group=self.groups.tp,
         )
-        return {"loss_sum": loss_sum, "nll_sum": nll_sum, "tokens": tokens}
+        return {"loss_sum": loss_sum, "nll_BL": nll_N.view_as(target_BL), "tokens": tokens}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def vocab_parallel_label_smoothed_ce(
     label_smoothing: float,
     tp_group,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(smoothed loss sum, nll sum, token count) over non-pad targets; identical on every TP rank.
+    """(smoothed loss sum, per-token nll [N] (detached, 0 at padding), token count) over non-pad targets;
+    identical on every TP rank.
 
     Per token: loss = (1-eps) * (lse - z_y) + eps * (lse - mean_{c<V} z_c), i.e. torch's
     F.cross_entropy(label_smoothing=eps) over the V real classes. logits_NVl: this rank's columns (any dtype;
@@ -145,6 +146,6 @@ def vocab_parallel_label_smoothed_ce(
     zero = torch.zeros((), device=z_NVl.device)
     return (
         torch.where(keep_N, loss_N, zero).sum(),
-        torch.where(keep_N, nll_N.detach(), zero).sum(),
+        torch.where(keep_N, nll_N.detach(), zero),
         keep_N.sum(),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hs_scale.data import build_loader, load_tokenizer, urls
 from hs_scale.data.config import DataConfig
 from hs_scale.data.manifest import read_manifest
-from hs_scale.training.synthetic import PAD, SyntheticConfig, SyntheticTask
+from hs_scale.data.synthetic import PAD, SyntheticConfig, SyntheticTask
 
 
 class SyntheticSource:
@@ -37,6 +37,10 @@ class SyntheticSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+    def stats(self) -> dict:
+        """Nothing to report: the synthetic task has no files and no bad samples."""
+        return {}
 
 
 class CorpusSource:

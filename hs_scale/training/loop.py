@@ -1,7 +1,8 @@
 """The trainer: steps, logging, evaluation, checkpoints and exact resume.
 
-It meets the rest of the system through four small seams: a batch source (hs_scale.training.data_source), a step
-engine (hs_scale.training.engine), a checkpoint manager (hs_scale.checkpoint) and a metrics logger.
+It meets the rest of the system through four small seams, declared below as Protocols: a batch source
+(`BatchSource`: hs_scale.training.data_source), a step engine (`Engine`: hs_scale.training.engine), a checkpointer
+(`Checkpointer`: hs_scale.checkpoint.CheckpointManager) and a metrics logger.
 
 Preemption: SIGTERM, SIGINT and SIGUSR1 (what schedulers send before they kill: Slurm's `--signal`, Kubernetes,
 torchrun forwarding its own SIGTERM) only set a flag. At every step boundary the ranks agree on it with one
@@ -18,13 +19,72 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
 
+from torch import nn
 from tqdm import tqdm
 
+from hs_scale.parallel.layout import ParallelGroups
+from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
+from hs_scale.training.engine import StepResult
 from hs_scale.training.heatmap import count_changes, write_heatmap
 from hs_scale.training.metrics import MetricsLogger
+
+
+class Engine(Protocol):
+    """One optimizer step on some layout (hs_scale.training.engine.StepEngine)."""
+
+    optimizer: Any  # a torch optimizer, or a view with its state_dict / load_state_dict (ZeRO)
+    scheduler: Any  # torch LR scheduler (get_last_lr, state_dict)
+    dp_size: int  # data-parallel replicas
+    world_size: int  # every device of the run (dp x tp x pp): MFU divides by it
+
+    @property
+    def checkpoint_model(self) -> nn.Module | list[nn.Module]: ...
+
+    def set_temperature(self, tau: float) -> None: ...
+
+    def train_step(self, microbatches: list) -> StepResult: ...
+
+    def evaluate(self, batches: Iterable, task_names: list[str]) -> dict: ...
+
+    def selection_table(self) -> dict: ...
+
+    def flops(self, batch) -> float: ...
+
+
+class BatchSource(Protocol):
+    """This data-parallel rank's batches, with a plain-typed state for exact resume."""
+
+    task_names: list[str]
+
+    def next_microbatches(self) -> list: ...
+
+    def eval_batches(self) -> Iterable: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+class Checkpointer(Protocol):
+    """Saves and restores (model, optimizer, scheduler, per-rank state) on every rank
+    (hs_scale.checkpoint.CheckpointManager)."""
+
+    def save(self, step: int, model, optimizer=None, scheduler=None, extra_per_rank: dict | None = None,
+             config: dict | None = None, groups: ParallelGroups | None = None,
+             metrics: dict | None = None) -> Path: ...
+
+    def load(self, path, model, optimizer=None, scheduler=None, groups: ParallelGroups | None = None,
+             verify: bool = True) -> tuple[int, dict | None]: ...
+
+    def load_latest(self, model, optimizer=None, scheduler=None,
+                    groups: ParallelGroups | None = None) -> tuple[int, dict | None] | None: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,9 +105,9 @@ class Preempted(Exception):
 
 
 class Trainer:
-    def __init__(self, train_cfg: TrainConfig, selection_cfg, engine, source, logger: MetricsLogger | None,
-                 checkpoints, config_dict: dict, is_main: bool, groups=None,
-                 on_checkpoint: Callable[[str, int, dict], None] | None = None):
+    def __init__(self, train_cfg: TrainConfig, selection_cfg: SelectionConfig, engine: Engine, source: BatchSource,
+                 logger: MetricsLogger | None, checkpoints: Checkpointer | None, config_dict: dict, is_main: bool,
+                 groups: ParallelGroups | None = None, on_checkpoint: Callable[[str, int, dict], None] | None = None):
         self.cfg, self.selection_cfg, self.engine, self.source = train_cfg, selection_cfg, engine, source
         self.logger, self.checkpoints, self.config_dict = logger, checkpoints, config_dict
         self.is_main, self.groups, self.on_checkpoint = is_main, groups, on_checkpoint
@@ -128,8 +188,8 @@ class Trainer:
         }
         if math.isfinite(result.ctc_loss):
             metrics["ctc_loss"] = result.ctc_loss
-        if self.cfg.peak_tflops > 0:
-            metrics["mfu"] = metrics["tflops_per_s"] / (self.cfg.peak_tflops * self.engine.dp_size)
+        if self.cfg.peak_tflops > 0:  # over every device of the run (dp x tp x pp)
+            metrics["mfu"] = metrics["tflops_per_s"] / (self.cfg.peak_tflops * self.engine.world_size)
         return metrics
 
     def evaluate(self) -> dict:
@@ -216,8 +276,9 @@ class Trainer:
         result = self.evaluate()
         result["wall_s"] = time.perf_counter() - start
         result["skipped_steps"] = self.skipped_steps
-        if hasattr(self.source, "stats"):
-            result["data"] = self.source.stats()
+        data_stats = self.source.stats()
+        if data_stats:
+            result["data"] = data_stats
         self._log("eval", result)
         self.save(result)
         return result

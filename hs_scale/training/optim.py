@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from hs_scale.selection.selector import HeadSelector
 from hs_scale.training.config import TrainConfig
 
 
@@ -22,13 +23,17 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return 1.0
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    """(AdamW, LambdaLR) over every trainable parameter; no weight decay on biases, norms and selector logits."""
+def build_optimizer(model: torch.nn.Module | list[torch.nn.Module], cfg: TrainConfig):
+    """(AdamW, LambdaLR) over every trainable parameter of `model` (or of each of this rank's model chunks), in
+    two groups: weight decay cfg.weight_decay, and none for biases and norms (ndim < 2) and the head selectors'
+    logits phi (a prior over heads, not a weight; found by type, wherever a model keeps its selectors). The one
+    optimizer of every layout."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "selectors" in name else decay).append(param)
+    for module in model if isinstance(model, list) else [model]:
+        selector_params = {id(p) for m in module.modules() if isinstance(m, HeadSelector) for p in m.parameters()}
+        for param in module.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or id(param) in selector_params else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     return optimizer, build_scheduler(optimizer, cfg)

@@ -26,7 +26,6 @@ from hs_scale.training.distributed import init_distributed
 from hs_scale.training.engine import StepEngine
 from hs_scale.training.loop import Trainer
 from hs_scale.training.metrics import MetricsLogger
-from hs_scale.training.model_parallel_engine import ModelParallelStepEngine
 from hs_scale.training.resume import load_init_weights, on_rank0, start_plan
 
 
@@ -99,17 +98,13 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
     source = build_source(cfg.data, cfg.synthetic, dp_rank, dp_size, cfg.train.grad_accum)
     _check_vocab(cfg, source)
     num_tasks = len(source.task_names)
-    if cfg.parallel.model_parallel > 1:
-        engine = ModelParallelStepEngine(cfg.model, cfg.selection, cfg.parallel, cfg.train, groups, num_tasks,
-                                         env.device)
-        if plan.init:
-            load_init_weights(*plan.init, engine.checkpoint_model, groups)
-    else:
-        model = build_model(cfg.model, cfg.selection, num_tasks=num_tasks).to(env.device)
-        if plan.init:  # before the engine: DeepSpeed/ZeRO copy the weights into their own master partitions
-            load_init_weights(*plan.init, model, groups)
-        engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, None if groups is None else groups.dp,
-                            source.pad_id, num_tasks, env.device)
+    model_parallel = cfg.parallel.model_parallel > 1
+    model = build_model(cfg.model, cfg.selection, num_tasks=num_tasks)
+    if plan.init and not model_parallel:  # before the engine: DeepSpeed/ZeRO copy the weights into their partitions
+        load_init_weights(*plan.init, model.to(env.device), groups)
+    engine = StepEngine(model.to(env.device), cfg.train, cfg.selection, cfg.parallel, groups, num_tasks, env.device)
+    if plan.init and model_parallel:  # into this rank's chunks (the checkpoint's layout may differ)
+        load_init_weights(*plan.init, engine.checkpoint_model, groups)
     if plan.init and env.is_main:
         print(f"initialised from {plan.init[1]} (step 0, new optimizer)", flush=True)
     seed_everything(cfg.train.seed + 1000 * dp_rank)  # different dropout masks per replica
@@ -120,7 +115,7 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
         trainer.restore(plan.resume, verify=False)  # start_plan verified it
     result = trainer.fit()
     if env.is_main:
-        table = engine.selection_table()
+        table = trainer.last_table  # the final evaluation's (gathered over TP / PP ranks)
         written = ["config.yaml", "metrics.jsonl", "result.json", "checkpoints/"]
         if table is not None:
             text = format_selection_table(table, source.task_names)

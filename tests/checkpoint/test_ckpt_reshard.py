@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("megatron.core")
 
 from ckpt_models import VOCAB, small_s2t  # noqa: E402
-
-from hs_scale.parallel.harness import run_distributed  # noqa: E402
+from support.harness import run_distributed  # noqa: E402
 
 PAD, EPS, N_MICRO, LR = 1, 0.1, 2, 1e-3
 
@@ -44,13 +43,29 @@ def _microbatches(seed: int) -> list:
 
 
 def _engine(tp: int, pp: int, seed: int, groups=None):
-    from hs_scale.parallel.api import build_parallel_engine, parallelize_model
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
+    from hs_scale.training.engine import StepEngine
 
-    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, num_microbatches=N_MICRO)
+    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     groups = groups or init_parallel_groups(pcfg, seed=0)
-    chunks = parallelize_model(small_s2t(seed, dropout=0.0), pcfg, groups, label_smoothing=EPS)
-    return build_parallel_engine(chunks, pcfg, groups, lr=LR), groups
+    model = small_s2t(seed, dropout=0.0)
+    return StepEngine(model, _train_config(), model.selection_config, pcfg, groups, 3, torch.device("cpu")), groups
+
+
+def _train_config():
+    from hs_scale.training.config import TrainConfig
+
+    return TrainConfig(lr=LR, warmup_steps=0, schedule="constant", clip_norm=0.0, label_smoothing=EPS)
+
+
+def _train_step(engine, microbatches) -> float:
+    return engine.train_step(microbatches).loss
+
+
+def _eval_loss(engine, microbatches) -> float:
+    for mb in microbatches:
+        mb.is_padding = False
+    return engine.evaluate(microbatches, ["a", "b", "c"])["loss"]
 
 
 def _draws(engine) -> dict:
@@ -59,21 +74,20 @@ def _draws(engine) -> dict:
 
 def _save_worker(rank: int, world_size: int, root: str) -> dict:
     from hs_scale.checkpoint import CheckpointManager
-    from hs_scale.parallel.api import forward_eval_loss, parallel_train_step
-
     engine, groups = _engine(2, 2, seed=0)
     for step in range(2):
-        parallel_train_step(engine, _microbatches(100 + step))
-    evals = forward_eval_loss(engine, _microbatches(7))["loss"]
+        _train_step(engine, _microbatches(100 + step))
+    evals = _eval_loss(engine, _microbatches(7))
     ckpt = CheckpointManager(root, keep_last=2)
     ckpt.save(2, engine.modules, engine.optimizer, extra_per_rank={"rank": rank}, config={"tp": 2}, groups=groups)
     draws = _draws(engine)
-    after = parallel_train_step(engine, _microbatches(102))["loss"]
+    after = _train_step(engine, _microbatches(102))
 
     fresh, _ = _engine(2, 2, seed=1, groups=groups)  # different init: everything below comes from the checkpoint
     step, extra = ckpt.load_latest(fresh.modules, fresh.optimizer, groups=groups)
-    resumed = parallel_train_step(fresh, _microbatches(102))["loss"]
-    same = all(torch.equal(a, b) for a, b in zip(engine.params, fresh.params, strict=True))
+    resumed = _train_step(fresh, _microbatches(102))
+    params = [[p for m in e.modules for p in m.parameters()] for e in (engine, fresh)]
+    same = all(torch.equal(a, b) for a, b in zip(*params, strict=True))
     return {
         "eval": evals,
         "after": after,
@@ -87,16 +101,14 @@ def _save_worker(rank: int, world_size: int, root: str) -> dict:
 
 def _load_worker(rank: int, world_size: int, root: str, tp: int, pp: int) -> dict:
     from hs_scale.checkpoint import CheckpointManager
-    from hs_scale.parallel.api import forward_eval_loss, parallel_train_step
-
     engine, groups = _engine(tp, pp, seed=3)
     step, extra = CheckpointManager(root).load_latest(engine.modules, engine.optimizer, groups=groups)
     draws = _draws(engine)
     return {
         "step": step,
         "extra": extra,
-        "eval": forward_eval_loss(engine, _microbatches(7))["loss"],
-        "after": parallel_train_step(engine, _microbatches(102))["loss"],
+        "eval": _eval_loss(engine, _microbatches(7)),
+        "after": _train_step(engine, _microbatches(102)),
         "draws": draws,
     }
 
@@ -141,7 +153,9 @@ def test_tp2pp2_checkpoint_reshards_to_tp1pp2_and_tp1pp1(tmp_path):
 
     # TP1 x PP1: the plain single-device model in this process (padded vocabulary rows are dropped).
     dense = small_s2t(seed=5, dropout=0.0)
-    optimizer = torch.optim.AdamW(dense.parameters(), lr=LR, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    from hs_scale.training.optim import build_optimizer
+
+    optimizer, _ = build_optimizer(dense, _train_config())  # the trainer's AdamW, as in every layout
     step, _ = CheckpointManager(tmp_path).load_latest(dense, optimizer)
     assert step == 2 and dense.decoder.embed_tokens.weight.shape[0] == VOCAB
     with torch.no_grad():

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("megatron.core")
 
 from ckpt_models import eval_loss, flat_params, optimizer_for, small_s2t, train_step  # noqa: E402
+from support.harness import run_distributed  # noqa: E402
 
 from hs_scale.checkpoint import CheckpointManager, load_full_model_state  # noqa: E402
-from hs_scale.parallel.harness import run_distributed  # noqa: E402
 
 
 def _tp_model(seed: int, groups=None):
@@ -83,7 +83,8 @@ def test_tp2_resume_and_reshard_to_tp1(tmp_path):
 
 
 def _dp2_worker(rank: int, world_size: int, root: str) -> dict:
-    from hs_scale.parallel.data_parallel import build_engine
+    from support.dp_engines import build_engine
+
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
 
     cfg = ParallelConfig()

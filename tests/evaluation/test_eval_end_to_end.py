@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from hs_scale.config import Config
+from hs_scale.data.synthetic import PAD, SyntheticConfig, SyntheticTask
 from hs_scale.evaluation.cli import build_parser, main, run
 from hs_scale.evaluation.evaluate import evaluate
 from hs_scale.evaluation.search import SearchConfig, beam_search, greedy_search
 from hs_scale.models import ModelConfig, build_model
 from hs_scale.selection.config import SelectionConfig
 from hs_scale.training.config import TrainConfig
-from hs_scale.training.synthetic import PAD, SyntheticConfig, SyntheticTask
 
 STEPS, WARMUP = 600, 20
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from _configs import tiny_model_config
 
+from hs_scale.data.synthetic import PAD, SyntheticConfig, SyntheticTask
 from hs_scale.models import ModelConfig, build_model
 from hs_scale.selection.config import SelectionConfig
-from hs_scale.training.synthetic import PAD, SyntheticConfig, SyntheticTask
 
 SYNTH = SyntheticConfig(rules=["copy", "reverse", "shift"], num_symbols=8, min_len=3, max_len=6, batch_size=16)
 TASKS = SYNTH.task_names

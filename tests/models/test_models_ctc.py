@@ -12,8 +12,8 @@ from _configs import tiny_model_config
 from hs_scale.models import ModelConfig, build_model
 from hs_scale.models.ctc import ctc_loss_sum
 from hs_scale.selection.config import SelectionConfig
-from hs_scale.training.engine import joint_loss_sum
 from hs_scale.training.loss import token_losses
+from hs_scale.training.objective import joint_loss_sum
 
 BLANK = 1
 

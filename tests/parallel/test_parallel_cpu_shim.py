@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from support.harness import run_distributed  # noqa: E402
+
 from hs_scale.parallel import cpu_shim  # noqa: E402
-from hs_scale.parallel.harness import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shim is a no-op on CUDA machines")
 

@@ -6,8 +6,7 @@ import time
 
 import pytest
 import torch
-
-from hs_scale.parallel.harness import free_port, run_distributed
+from support.harness import free_port, run_distributed
 
 pytestmark = pytest.mark.slow
 

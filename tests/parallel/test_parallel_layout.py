@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from support.harness import run_distributed
 
-from hs_scale.parallel.harness import run_distributed
 from hs_scale.parallel.layout import (
     LayoutError,
     ParallelConfig,
@@ -57,10 +57,10 @@ def test_valid_layouts_return_data_parallel_size():
             ["18 layers cannot be split", "pick pp*vp in [1, 2, 3, 6, 9, 18]"],
         ),
         (
-            ParallelConfig(pipeline_parallel=2, virtual_pipeline=3, num_microbatches=3),
+            ParallelConfig(pipeline_parallel=2, virtual_pipeline=3),
             2,
-            {},
-            ["num_microbatches to be a multiple of pipeline_parallel=2", "set num_microbatches=2"],
+            {"num_microbatches": 3},
+            ["(train.grad_accum) to be a multiple of pipeline_parallel=2", "set train.grad_accum=2"],
         ),
         (ParallelConfig(tensor_parallel=2), 2, {"vocab_size": 1001}, ["pad it to 1002"]),
         (ParallelConfig(tensor_parallel=2), 2, {"ffn_dim": 1023}, ["use ffn_dim=1024"]),

@@ -15,37 +15,15 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from hs_scale.parallel.harness import run_distributed  # noqa: E402
-
-ENC, DEC = 2, 2
-
-
-def _small_s2t(strategy: str):
-    from hs_scale.models import ModelConfig, build_model
-    from hs_scale.selection.config import SelectionConfig
-
-    cfg = ModelConfig(
-        arch="s2t",
-        d_model=32,
-        encoder_layers=ENC,
-        decoder_layers=DEC,
-        num_heads=4,
-        ffn_dim=64,
-        vocab_size=40,
-        dropout=0.0,
-        conv_channels=16,
-        conv_kernel_sizes=[3],
-        input_feat_per_channel=8,
-    )
-    sel = SelectionConfig(strategy=strategy, pool_heads=8)
-    return build_model(cfg, sel, num_tasks=3)
+from support.harness import run_distributed  # noqa: E402
+from support.models import DEC, ENC, VOCAB, small_s2t  # noqa: E402
 
 
 def _batch():
     g = torch.Generator().manual_seed(7)
     feats = torch.randn(4, 12, 8, generator=g)
     lengths = torch.tensor([12, 9, 11, 6])
-    tgt = torch.randint(4, 40, (4, 6), generator=g)
+    tgt = torch.randint(4, VOCAB, (4, 6), generator=g)
     tgt[1, 4:] = 1  # padding (pad id 1)
     tgt[3, 3:] = 1
     dec_in = torch.cat([torch.full((4, 1), 2), tgt[:, :-1]], dim=1)
@@ -63,14 +41,14 @@ def _step(model, batch):
 
 def _tp_model_worker(rank: int, world_size: int, strategy: str) -> dict:
     from _tp_helpers import expected_tp_collectives, gather_tp_tensor
+    from support.collectives import CollectiveCounter
 
-    from hs_scale.parallel.collectives import CollectiveCounter
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
     from hs_scale.parallel.tp_model import parallelize_tensor
 
     groups = init_parallel_groups(ParallelConfig(tensor_parallel=2), seed=0)
     torch.manual_seed(0)
-    dense = _small_s2t(strategy)
+    dense = small_s2t(strategy)
     tp = parallelize_tensor(copy.deepcopy(dense), groups)
     batch = _batch()
 
@@ -146,17 +124,18 @@ def _rows(batch, rows):
 
 
 def _dp_worker(rank: int, world_size: int, engine_name: str, steps: int) -> dict:
-    from hs_scale.parallel.collectives import CollectiveCounter
-    from hs_scale.parallel.data_parallel import _adamw, build_engine
+    from support.collectives import CollectiveCounter
+    from support.dp_engines import adamw, build_engine
+
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
 
     cfg = ParallelConfig(engine=engine_name, zero_stage=2 if engine_name == "deepspeed" else 0)
     groups = init_parallel_groups(cfg, seed=0)
     torch.manual_seed(0)
-    dense = _small_s2t("group")
+    dense = small_s2t("group")
     model = copy.deepcopy(dense)
     engine = build_engine(model, cfg, groups, lr=1e-3)
-    ref_opt = _adamw(dense.parameters(), lr=1e-3)
+    ref_opt = adamw(dense.parameters(), lr=1e-3)
     batch = _batch()
     local = _rows(batch, slice(2 * rank, 2 * rank + 2))
     local_tokens = int(local[3].ne(1).sum())
@@ -199,7 +178,7 @@ def _dp_worker(rank: int, world_size: int, engine_name: str, steps: int) -> dict
 def _initial_params():
     """The parameters every run starts from (same seed as the workers)."""
     torch.manual_seed(0)
-    return list(_small_s2t("group").parameters())
+    return list(small_s2t("group").parameters())
 
 
 @pytest.mark.slow

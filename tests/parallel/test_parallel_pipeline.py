@@ -18,20 +18,11 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from hs_scale.parallel.harness import run_distributed  # noqa: E402
+from support.harness import run_distributed  # noqa: E402
+from support.models import DEC, ENC, PAD, small_s2t  # noqa: E402
+from support.models import VOCAB as V  # noqa: E402
 
-ENC, DEC, V, PAD, EPS = 2, 2, 41, 1, 0.1
-
-
-def _small_s2t(ctc_weight: float = 0.0):
-    from hs_scale.models import ModelConfig, build_model
-    from hs_scale.selection.config import SelectionConfig
-
-    cfg = ModelConfig(
-        arch="s2t", d_model=32, encoder_layers=ENC, decoder_layers=DEC, num_heads=4, ffn_dim=64, vocab_size=V,
-        dropout=0.0, conv_channels=16, conv_kernel_sizes=[3], input_feat_per_channel=8, ctc_weight=ctc_weight,
-    )
-    return build_model(cfg, SelectionConfig(strategy="group", pool_heads=8), num_tasks=3)
+EPS = 0.1
 
 
 def _microbatches(n: int) -> list:
@@ -80,22 +71,24 @@ def _reference(dense, microbatches):
 
 def _worker(rank: int, world_size: int, tp: int, pp: int, vp: int | None, n_micro: int, ctc: float = 0.0) -> dict:
     from _tp_helpers import gather_tp_tensor
+    from support.collectives import CollectiveCounter
 
-    from hs_scale.parallel.api import build_parallel_engine, forward_backward, parallel_train_step, parallelize_model
-    from hs_scale.parallel.collectives import CollectiveCounter
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
     from hs_scale.parallel.pipeline import global_state_dict_layout
+    from hs_scale.training.config import TrainConfig
+    from hs_scale.training.engine import StepEngine
 
-    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, num_microbatches=n_micro)
+    pcfg = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp)
     groups = init_parallel_groups(pcfg, seed=0)
     torch.manual_seed(0)
-    dense = _small_s2t(ctc)
-    chunks = parallelize_model(copy.deepcopy(dense), pcfg, groups, label_smoothing=EPS)
-    engine = build_parallel_engine(chunks, pcfg, groups, lr=1e-3)
+    dense = small_s2t(ctc_weight=ctc)
+    train = TrainConfig(lr=1e-3, warmup_steps=0, schedule="constant", clip_norm=0.0, label_smoothing=EPS)
+    engine = StepEngine(copy.deepcopy(dense), train, dense.selection_config, pcfg, groups, 3, torch.device("cpu"))
+    chunks = engine.modules
     mbs = _microbatches(n_micro)
     ref_loss = _reference(dense, mbs)
     with CollectiveCounter() as counter:
-        stats = forward_backward(engine, mbs)
+        sums, tokens = engine.forward_backward(mbs)
 
     dense_params = dict(dense.named_parameters())
     errs, keys = {}, []
@@ -128,9 +121,10 @@ def _worker(rank: int, world_size: int, tp: int, pp: int, vp: int | None, n_micr
                     got = sum((everyone[r][k][j] for r in range(groups.tp_size)), [])
                     tables_ok &= got == want[name][k][sel.first_layer + j]
             tables_ok &= int(sel.draws) == n_micro
-    losses = [parallel_train_step(engine, mbs)["loss"] for _ in range(2)]
+    tables_ok &= engine.selection_table() == want  # the trainer's gather of every rank's slices
+    losses = [engine.train_step(mbs).loss for _ in range(2)]
     return {
-        "loss": stats["loss"], "ref_loss": ref_loss, "errs": errs, "tables_ok": tables_ok, "keys": keys,
+        "loss": float(sums[0]) / tokens, "ref_loss": ref_loss, "errs": errs, "tables_ok": tables_ok, "keys": keys,
         "counts": counter.summary(), "losses": losses,
     }
 
@@ -146,7 +140,7 @@ def _check(res, n_ranks_keys_expected=None):
 
 def _dense_keys():
     torch.manual_seed(0)
-    return {k for k in _small_s2t().state_dict()}
+    return {k for k in small_s2t().state_dict()}
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from hs_scale.parallel.harness import run_distributed  # noqa: E402
+from support.harness import run_distributed  # noqa: E402
+
 from hs_scale.parallel.tp_attention import shard_choice  # noqa: E402
 from hs_scale.selection.selector import HeadSelector, select_heads, selection_noise  # noqa: E402
 
@@ -99,7 +100,8 @@ def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _tp_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
-    from hs_scale.parallel.collectives import CollectiveCounter
+    from support.collectives import CollectiveCounter
+
     from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
     from hs_scale.parallel.tp_attention import shard_attention
     from hs_scale.selection.attention import SelectedHeadAttention

@@ -19,8 +19,8 @@ def _trainer(cfg):
     source = SyntheticSource(cfg.synthetic, 0, 1, cfg.train.grad_accum)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.selection, num_tasks=len(source.task_names))
-    engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, None, source.pad_id,
-                        len(source.task_names), torch.device("cpu"))
+    engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, None, len(source.task_names),
+                        torch.device("cpu"))
     return Trainer(cfg.train, cfg.selection, engine, source, None, None, cfg.to_dict(), True)
 
 
@@ -43,13 +43,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run():
     cfg = load_config("configs/synthetic.yaml", ["--train.max_nonfinite_steps=3", "--train.steps=10"])
     trainer = _trainer(cfg)
     poison = {"on": False}
-    trainer.engine.module.register_forward_hook(lambda m, i, out: out * float("nan") if poison["on"] else out)
+    trainer.engine.checkpoint_model.register_forward_hook(lambda m, i, out: out * float("nan") if poison["on"] else out)
     trainer.train_step()
-    before = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.engine.checkpoint_model.named_parameters()}
     poison["on"] = True
     assert trainer.train_step()["skipped"]
     assert trainer.step == 1 and trainer.skipped_steps == 1
-    params = trainer.engine.module.named_parameters()
+    params = trainer.engine.checkpoint_model.named_parameters()
     assert all(torch.equal(before[n], p) for n, p in params), "a skipped step changed parameters"
     poison["on"] = False
     assert not trainer.train_step().get("skipped")  # a good step resets the streak
@@ -71,7 +71,7 @@ def test_grad_accumulation_equals_one_big_batch():
     cfg_big = load_config("configs/synthetic.yaml", base + ["--synthetic.batch_size=64"])
     cfg_acc = load_config("configs/synthetic.yaml", base + ["--synthetic.batch_size=32", "--train.grad_accum=2"])
     big, acc = _trainer(cfg_big), _trainer(cfg_acc)
-    acc.engine.module.load_state_dict(big.engine.module.state_dict())
+    acc.engine.checkpoint_model.load_state_dict(big.engine.checkpoint_model.state_dict())
     halves = acc.source.next_microbatches()
     whole = _concat(halves)
     big.source.next_microbatches = lambda: [whole]
@@ -81,13 +81,13 @@ def test_grad_accumulation_equals_one_big_batch():
         step = trainer.engine.optimizer.step
 
         def recording_step(*a, _name=name, _trainer=trainer, _step=step, **k):
-            grads[_name] = [p.grad.clone() for p in _trainer.engine.module.parameters()]
+            grads[_name] = [p.grad.clone() for p in _trainer.engine.checkpoint_model.parameters()]
             return _step(*a, **k)
 
         trainer.engine.optimizer.step = recording_step
     r_big, r_acc = big.train_step(), acc.train_step()
     assert r_big["loss"] == pytest.approx(r_acc["loss"], rel=1e-6)
-    names = [n for n, _ in big.engine.module.named_parameters()]
+    names = [n for n, _ in big.engine.checkpoint_model.named_parameters()]
     for n, g_big, g_acc in zip(names, grads["big"], grads["acc"], strict=True):
         torch.testing.assert_close(g_big, g_acc, atol=1e-7, rtol=1e-5, msg=n)
 
@@ -112,8 +112,9 @@ def test_activation_checkpointing_gives_the_same_step(monkeypatch):
     base = ["--train.steps=1", "--model.dropout=0.1"]
     plain = _trainer(load_config("configs/synthetic.yaml", base))
     ckpt = _trainer(load_config("configs/synthetic.yaml", base + ["--train.activation_checkpointing=true"]))
-    ckpt.engine.module.load_state_dict(plain.engine.module.state_dict())
-    assert ckpt.engine.module.encoder.checkpoint_activations and ckpt.engine.module.decoder.checkpoint_activations
+    ckpt.engine.checkpoint_model.load_state_dict(plain.engine.checkpoint_model.state_dict())
+    model = ckpt.engine.checkpoint_model
+    assert model.encoder.checkpoint_activations and model.decoder.checkpoint_activations
     from hs_scale.models import layers
 
     calls, forward = [], layers.EncoderLayer.forward
@@ -125,5 +126,5 @@ def test_activation_checkpointing_gives_the_same_step(monkeypatch):
     r_ckpt = ckpt.train_step()
     assert len(calls) - plain_calls == 2 * plain_calls, "checkpointing must recompute every layer in backward"
     assert r_plain["loss"] == r_ckpt["loss"]
-    for (n, p), q in zip(plain.engine.module.named_parameters(), ckpt.engine.module.parameters(), strict=True):
+    for (n, p), q in zip(plain.engine.checkpoint_model.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6, msg=n)
