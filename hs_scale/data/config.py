@@ -126,7 +126,7 @@ class DataConfig:
             need(self.max_source_frames <= self.max_frames_per_batch,
                  f"max_source_frames={self.max_source_frames} exceeds max_frames_per_batch="
                  f"{self.max_frames_per_batch}: raise the batch budget or lower the utterance limit")
-        need(self.max_target_tokens + 1 <= self.max_tokens_per_batch,
+        need(self.modality == "lm" or self.max_target_tokens + 1 <= self.max_tokens_per_batch,
              f"max_target_tokens={self.max_target_tokens} does not fit max_tokens_per_batch="
              f"{self.max_tokens_per_batch}: raise the batch budget")
         need(not (self.modality != "speech" and self.precomputed_features),
