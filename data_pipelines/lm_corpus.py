@@ -8,8 +8,9 @@ with regular expressions.
 
 A document is one page: its paragraphs in page order, joined by newlines. A paragraph that a translation leaves in
 English (>= 80% of its words occur on the English page: `untranslated`) is a fallback and is dropped, so a
-language holds only what was translated. This is what makes ``hi`` and ``km`` genuinely low-resource here (their help is
-mostly untranslated: ~10% and ~20% of the English words; measured in docs/lm_data.md). Pages with fewer than
+language holds only what was translated. This makes ``hi`` genuinely low-resource here (its help is mostly untranslated:
+~1/10 of the English tokens are left); ``km`` (about half translated) is made low-resource by keeping 1/5 of its
+train pages (`LMRecipe.train_fraction`). Sizes: docs/lm_data.md. Pages with fewer than
 `min_chars` characters left are skipped.
 
 Split: train/dev/test by a hash of the page path (text_sources.split_of on ``help:<page>``, the same key the
@@ -52,15 +53,24 @@ class LMRecipe:
     """Dev documents per language at most (0 = all)."""
     test_size: int = 0
     min_chars: int = 200
+    train_fraction: dict[str, float] = dataclasses.field(default_factory=dict)
+    """{lang: f}: keep only a fraction f of that language's train pages (chosen by a hash of the page path; dev and
+    test untouched): a low-resource language made on purpose."""
     """Pages with fewer characters of translated text are skipped (characters, not words: Khmer has no spaces)."""
     vocab_size: int = 8000
     shard_size: int = 500
 
 
-# hi and km are the low-resource languages: most of their help is untranslated (see the module docstring).
+# The low-resource languages: hi (most of its help is untranslated: ~1/10 of the English tokens are left) and km
+# (about half is translated; its train pages are subsampled to 1/5, which leaves ~1/10 as well).
 LM_RECIPES = {
-    "lm_help": LMRecipe(("en", "de", "fr", "es", "it", "ru", "eu", "et", "hi", "km")),
+    "lm_help": LMRecipe(("en", "de", "fr", "es", "it", "ru", "eu", "et", "hi", "km"), train_fraction={"km": 0.2}),
 }
+
+
+def _kept(page: str, fraction: float) -> bool:
+    """Whether a train page survives subsampling to `fraction` (a hash independent of split_of's)."""
+    return int.from_bytes(hashlib.sha1(f"subsample:{page}".encode()).digest()[:8], "big") < fraction * 2**64
 
 
 def _lang_dir(base: str, lang: str) -> str:
@@ -119,7 +129,8 @@ def lm_rows(r: LMRecipe, help_root: str) -> list[dict]:
     english: dict[str, dict[str, str]] = {}
     for page in help_pages(base):
         split = split_of("help:" + page)
-        want = [lg for lg in r.langs if not limits[split] or counts[lg][split] < limits[split]]
+        want = [lg for lg in r.langs if (not limits[split] or counts[lg][split] < limits[split])
+                and (split != "train" or _kept(page, r.train_fraction.get(lg, 1.0)))]
         if not want:
             if all(limits[s] and all(counts[lg][s] >= limits[s] for lg in r.langs) for s in limits):
                 break  # every language has every split full: stop parsing (the small builds stay fast)

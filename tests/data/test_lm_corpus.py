@@ -75,3 +75,14 @@ def test_missing_language_is_refused(tmp_path):
     write_help_tree(str(tmp_path / "tree"))
     with pytest.raises(FileNotFoundError, match="no LibreOffice help pages for 'fr'.*libreoffice-help-fr"):
         build_lm_corpus("lm_help", str(tmp_path / "out"), help_root=str(tmp_path / "tree"), langs=("en", "fr"))
+
+
+def test_train_fraction_subsamples_train_pages_only(tmp_path):
+    out = build_tiny_lm_corpus(str(tmp_path), train_fraction={"hi": 0.3})
+    m = read_manifest(os.path.join(out, "manifest.parquet"), ["split", "lang"])
+    n = {(lg, s): 0 for lg in ("en", "hi") for s in ("train", "dev", "test")}
+    for s, lg in zip(m["split"], m["lang"], strict=True):
+        if lg in ("en", "hi"):
+            n[lg, s] += 1
+    assert 0 < n["hi", "train"] < 0.6 * n["en", "train"]
+    assert (n["hi", "dev"], n["hi", "test"]) == (n["en", "dev"], n["en", "test"])
