@@ -8,9 +8,9 @@ with regular expressions.
 
 A document is one page: its paragraphs in page order, joined by newlines. A paragraph that a translation leaves in
 English (>= 80% of its words occur on the English page: `untranslated`) is a fallback and is dropped, so a
-language holds only what was translated. This makes ``hi`` genuinely low-resource here (its help is mostly untranslated:
-~1/10 of the English tokens are left); ``km`` (about half translated) is made low-resource by keeping 1/5 of its
-train pages (`LMRecipe.train_fraction`). Sizes: docs/lm_data.md. Pages with fewer than
+language holds only what was translated. ``hi`` is genuinely low-resource here (its help is mostly untranslated:
+~1/10 of the English tokens are left); ``hi`` and ``km`` (about half translated) are made smaller still, and stay
+small in a `--size` build, by `LMRecipe.train_fraction`. Sizes: docs/lm_data.md. Pages with fewer than
 `min_chars` characters left are skipped.
 
 Split: train/dev/test by a hash of the page path (text_sources.split_of on ``help:<page>``, the same key the
@@ -54,17 +54,18 @@ class LMRecipe:
     test_size: int = 0
     min_chars: int = 200
     train_fraction: dict[str, float] = dataclasses.field(default_factory=dict)
-    """{lang: f}: keep only a fraction f of that language's train pages (chosen by a hash of the page path; dev and
-    test untouched): a low-resource language made on purpose."""
+    """{lang: f}: a low-resource language made on purpose: only a fraction f of its train pages is kept (chosen by
+    a hash of the page path), and with `size` it gets round(f * size) train documents; dev and test untouched."""
     """Pages with fewer characters of translated text are skipped (characters, not words: Khmer has no spaces)."""
     vocab_size: int = 8000
     shard_size: int = 500
 
 
-# The low-resource languages: hi (most of its help is untranslated: ~1/10 of the English tokens are left) and km
-# (about half is translated; its train pages are subsampled to 1/5, which leaves ~1/10 as well).
+# The low-resource languages: hi (most of its help is untranslated, ~1/10 of the English tokens are left; half of
+# its train pages are kept) and km (about half translated; 1/5 of its train pages are kept). Sizes: docs/lm_data.md.
 LM_RECIPES = {
-    "lm_help": LMRecipe(("en", "de", "fr", "es", "it", "ru", "eu", "et", "hi", "km"), train_fraction={"km": 0.2}),
+    "lm_help": LMRecipe(("en", "de", "fr", "es", "it", "ru", "eu", "et", "hi", "km"),
+                        train_fraction={"hi": 0.5, "km": 0.2}),
 }
 
 
@@ -122,6 +123,8 @@ def lm_rows(r: LMRecipe, help_root: str) -> list[dict]:
     """Manifest rows {split, lang, tgt_lang, domain, text, translation, source_id} for recipe `r`."""
     base = os.path.join(help_root, HELP_SUBDIR)
     limits = {"train": r.size, "dev": r.dev_size, "test": r.test_size}
+    cap = {(lg, s): (max(1, round(n * r.train_fraction.get(lg, 1.0))) if s == "train" else n) if n else 0
+           for lg in r.langs for s, n in limits.items()}
     for lang in r.langs:
         _lang_dir(base, lang)  # every language present before any parsing
     rows: list[dict] = []
@@ -129,10 +132,10 @@ def lm_rows(r: LMRecipe, help_root: str) -> list[dict]:
     english: dict[str, dict[str, str]] = {}
     for page in help_pages(base):
         split = split_of("help:" + page)
-        want = [lg for lg in r.langs if (not limits[split] or counts[lg][split] < limits[split])
+        want = [lg for lg in r.langs if (not cap[lg, split] or counts[lg][split] < cap[lg, split])
                 and (split != "train" or _kept(page, r.train_fraction.get(lg, 1.0)))]
         if not want:
-            if all(limits[s] and all(counts[lg][s] >= limits[s] for lg in r.langs) for s in limits):
+            if all(cap[k] and counts[k[0]][k[1]] >= cap[k] for k in cap):
                 break  # every language has every split full: stop parsing (the small builds stay fast)
             continue
         if page not in english:

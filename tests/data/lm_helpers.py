@@ -55,6 +55,7 @@ def build_tiny_lm_corpus(tmp: str, **kw) -> str:
     root = os.path.join(tmp, "helptree")
     write_help_tree(root)
     out = os.path.join(tmp, "lm")
-    kw = {"langs": ("en", "de", "hi"), "min_chars": 20, "vocab_size": 120, "shard_size": 8, **kw}
+    kw = {"langs": ("en", "de", "hi"), "min_chars": 20, "vocab_size": 120, "shard_size": 8, "train_fraction": {},
+          **kw}
     build_lm_corpus("lm_help", out, help_root=root, **kw)
     return out
