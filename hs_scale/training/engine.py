@@ -162,6 +162,10 @@ class StepEngine:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _num_tokens(self, batch) -> int:
+        """Target tokens of one micro-batch (the loss normaliser; LMStepEngine counts packed LM targets)."""
+        return int((batch.target != self.pad_id).sum())
+
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp_group is not None:
             dist.all_reduce(t, group=self.dp_group)
@@ -189,7 +193,7 @@ class StepEngine:
     def train_step(self, microbatches: list) -> StepResult:
         self.wrapped.train()
         batches = [b.to(self.device) for b in microbatches]
-        local_tokens = sum(int((b.target != self.pad_id).sum()) for b in batches)
+        local_tokens = sum(self._num_tokens(b) for b in batches)
         global_tokens = float(self._all_reduce(torch.tensor([float(local_tokens)]))[0])
         if self.kind == "deepspeed":
             return self._deepspeed_step(batches, global_tokens)

@@ -19,11 +19,13 @@ import torch
 
 from hs_scale.config import Config, dump_config
 from hs_scale.models import build_model
+from hs_scale.models.lm import LMModel
 from hs_scale.seeding import seed_everything
 from hs_scale.selection.selector import format_selection_table
 from hs_scale.training.data_source import build_source
 from hs_scale.training.distributed import init_distributed
 from hs_scale.training.engine import StepEngine
+from hs_scale.training.lm_objective import LMStepEngine
 from hs_scale.training.loop import Trainer
 from hs_scale.training.metrics import MetricsLogger
 from hs_scale.training.model_parallel_engine import ModelParallelStepEngine
@@ -105,11 +107,14 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
         if plan.init:
             load_init_weights(*plan.init, engine.checkpoint_model, groups)
     else:
-        model = build_model(cfg.model, cfg.selection, num_tasks=num_tasks).to(env.device)
+        lm = cfg.model.arch == "lm"  # the decoder-only LM: its model class and objective (lm_objective.py)
+        model = (LMModel(cfg.model, cfg.selection, num_tasks) if lm
+                 else build_model(cfg.model, cfg.selection, num_tasks=num_tasks)).to(env.device)
         if plan.init:  # before the engine: DeepSpeed/ZeRO copy the weights into their own master partitions
             load_init_weights(*plan.init, model, groups)
-        engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, None if groups is None else groups.dp,
-                            source.pad_id, num_tasks, env.device)
+        engine = (LMStepEngine if lm else StepEngine)(model, cfg.train, cfg.selection, cfg.parallel,
+                                                      None if groups is None else groups.dp, source.pad_id,
+                                                      num_tasks, env.device)
     if plan.init and env.is_main:
         print(f"initialised from {plan.init[1]} (step 0, new optimizer)", flush=True)
     seed_everything(cfg.train.seed + 1000 * dp_rank)  # different dropout masks per replica
