@@ -135,6 +135,10 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def main_export(argv: list[str] | None = None) -> int:
+    from hs_scale.models.lm import cli as lm_cli
+
+    if lm_cli.lm_target(argv, "--checkpoint"):  # decoder-only LMs: their own exporter (docs/lm.md)
+        return lm_cli.main_export(argv)
     args = export_parser().parse_args(argv)
     try:
         from hs_scale.data.tokenizer import load_tokenizer
@@ -198,6 +202,10 @@ def import_parser() -> argparse.ArgumentParser:
 
 
 def main_import(argv: list[str] | None = None) -> int:
+    from hs_scale.models.lm import cli as lm_cli
+
+    if lm_cli.lm_target(argv, "--model"):  # Llama / Mistral / Qwen2 folders: the LM importer (docs/lm.md)
+        return lm_cli.main_import(argv)
     args = import_parser().parse_args(argv)
     try:
         import yaml

@@ -171,3 +171,15 @@ def test_varlen_layout_packs_documents(monkeypatch):
     got = attn(x, cos, sin, layout, choice, tokens)
     want = attn(x, cos, sin, DocumentLayout.build(DOCS, 10, "sdpa"), choice, tokens)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 50, DOCS.shape, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for recompute in (False, True):
+        model = tiny_lm("subset").train()
+        model.checkpoint_activations = recompute
+        model(ids, task_BL=TASKS, doc_ids_BL=DOCS).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-6, msg=name)

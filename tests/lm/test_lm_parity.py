@@ -11,7 +11,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hs_scale.models.lm import LMModel  # noqa: E402
-from hs_scale.models.lm.hf import lm_config_from_hf, our_name  # noqa: E402
+from hs_scale.models.lm.hf import hf_config_from_lm, lm_config_from_hf, our_name  # noqa: E402
+
+# Llama 3 RoPE scaling with head_dim 8: wavelengths 6.3 (blended), 30, 140, 665 (divided by factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 
 def tiny_llama(**kw):
@@ -43,8 +47,8 @@ def ours_from_hf(hf) -> LMModel:
 @pytest.mark.parametrize(
     "kw",
     [{}, {"attention_bias": True}, {"tie_word_embeddings": True}, {"num_key_value_heads": 4},
-     {"num_key_value_heads": 1, "head_dim": 16}],
-    ids=["gqa", "bias", "tied", "mha", "mqa-head_dim"],
+     {"num_key_value_heads": 1, "head_dim": 16}, {"rope_parameters": LLAMA3_ROPE}],
+    ids=["gqa", "bias", "tied", "mha", "mqa-head_dim", "llama3-rope"],
 )
 def test_llama_logits_match(kw):
     hf = random_hf(tiny_llama(**kw))
@@ -55,6 +59,7 @@ def test_llama_logits_match(kw):
         want = hf(ids_BL).logits
         got = ours(ids_BL)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert hf_config_from_lm(ours.config).rope_parameters == hf.config.rope_parameters  # export keeps RoPE
 
 
 def test_qwen2_and_mistral_logits_match():

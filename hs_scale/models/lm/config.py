@@ -44,7 +44,11 @@ class LMConfig:
     """Epsilon of every RMSNorm."""
 
     rope_theta: float = 10000.0
-    """RoPE base (Llama 2: 1e4, Llama 3: 5e5). Only Llama's default (unscaled) RoPE is implemented."""
+    """RoPE base (Llama 2: 1e4, Llama 3: 5e5)."""
+
+    rope_scaling: dict | None = None
+    """None: Llama's default RoPE. Llama 3.x scaling: {"rope_type": "llama3", "factor": 8.0, "low_freq_factor":
+    1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} (the only scaling implemented)."""
 
     max_position_embeddings: int = 2048
     """Longest position id the model is meant for (exported to HF; positions beyond it still compute)."""
@@ -94,6 +98,13 @@ class LMConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE rotates pairs of dimensions)")
+        if self.rope_scaling is not None:
+            keys = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if self.rope_scaling.get("rope_type") != "llama3" or set(self.rope_scaling) != keys:
+                raise ValueError(
+                    f"model.rope_scaling={self.rope_scaling!r}: only Llama 3's scaling is implemented, given as "
+                    f"exactly the keys {sorted(keys)} with rope_type 'llama3' (or null for the default RoPE)"
+                )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"model.attention_backend={self.attention_backend!r} is unknown; use one of {ATTENTION_BACKENDS}"

@@ -59,17 +59,20 @@ def dense_state_dict(model: LMModel) -> dict[str, Tensor]:
 # --- config -----------------------------------------------------------------------------------------------------
 
 
-def _rope_theta(hf_config) -> float:
-    """RoPE base of a transformers config (v5: rope_parameters; v4: rope_theta + rope_scaling); refuses scaling."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    scaling = getattr(hf_config, "rope_scaling", None)
-    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
-        raise ValueError(
-            f"config.json: RoPE type {rope_type or scaling!r} is not supported (only Llama's default RoPE); "
-            f"import a checkpoint without rope scaling"
-        )
-    return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+def _rope(hf_config) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) of a transformers config (v5: rope_parameters; v4: rope_theta + rope_scaling).
+    Refuses every scaling but Llama 3's."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    params.update(getattr(hf_config, "rope_scaling", None) or {})
+    theta = float(params.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return theta, {"rope_type": "llama3", **{k: params[k] for k in keys}}
+    raise ValueError(f"config.json: RoPE type {rope_type!r} is not supported (default and llama3 are); "
+                     f"import a checkpoint with one of those")
 
 
 def lm_config_from_hf(hf_config, **overrides) -> LMConfig:
@@ -81,6 +84,7 @@ def lm_config_from_hf(hf_config, **overrides) -> LMConfig:
         raise ValueError(f"config.json: hidden_act={hf_config.hidden_act!r}; the LM implements SwiGLU with silu")
     if getattr(hf_config, "mlp_bias", False):
         raise ValueError("config.json: mlp_bias=true is not supported (Llama's MLP has no biases)")
+    rope_theta, rope_scaling = _rope(hf_config)
     sliding = None
     if kind == "mistral" or (kind == "qwen2" and getattr(hf_config, "use_sliding_window", False)):
         sliding = getattr(hf_config, "sliding_window", None)
@@ -97,7 +101,8 @@ def lm_config_from_hf(hf_config, **overrides) -> LMConfig:
         num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
         head_dim=getattr(hf_config, "head_dim", None),
         rms_norm_eps=hf_config.rms_norm_eps,
-        rope_theta=_rope_theta(hf_config),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_embeddings=bool(hf_config.tie_word_embeddings),
         attention_bias=qkv_bias,
@@ -132,7 +137,7 @@ def hf_config_from_lm(cfg: LMConfig):
         head_dim=cfg.head_dim,
         hidden_act="silu",
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_embeddings,
         # Llama puts one flag on all four projections; a Qwen2-style model (q/k/v biases only) is exported with

@@ -22,10 +22,12 @@ its ``model.`` prefix (``hs_scale.models.lm.hf`` converts both ways); the select
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from hs_scale.models.lm.config import LMConfig
@@ -50,13 +52,32 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rope_tables(position_ids_BL: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, L, d] of Llama's default RoPE, computed in fp32 (as transformers does) and cast to dtype.
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None) -> Tensor:
+    """Inverse frequencies [d/2] of Llama's RoPE, with Llama 3's scaling when ``scaling`` is given (as
+    transformers' _compute_llama3_parameters: wavelengths longer than the original context divided by ``factor``,
+    shorter than original/high_freq_factor kept, a linear blend in between)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(
+    position_ids_BL: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: dict | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, L, d] of Llama's RoPE, computed in fp32 (as transformers does) and cast to dtype.
 
     The inverse frequencies are recomputed each forward (d/2 values) rather than kept in a buffer, so that
     ``model.to(bfloat16)`` cannot round them.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BL.device).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids_BL.device)
     freqs_BLh = position_ids_BL[..., None].float() * inv_freq
     emb_BLd = torch.cat((freqs_BLh, freqs_BLh), dim=-1)
     return emb_BLd.cos().to(dtype), emb_BLd.sin().to(dtype)
@@ -137,6 +158,8 @@ class LMModel(nn.Module):
         self.layers = nn.ModuleList(LMDecoderLayer(cfg, self.candidates) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.checkpoint_activations = False
+        """Recompute each layer in backward (training without a cache); set by the trainer."""
         self.apply(self._init_weights)
 
     @torch.no_grad()
@@ -219,16 +242,20 @@ class LMModel(nn.Module):
         x_BLD = self.embed_tokens(input_ids_BL)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_BLD.dtype
         layout = DocumentLayout.build(docs_BS, L, resolve_backend(cfg.attention_backend, device, dtype))
-        cos_BLd, sin_BLd = rope_tables(position_ids_BL, cfg.head_dim, cfg.rope_theta, x_BLD.dtype)
+        cos_BLd, sin_BLd = rope_tables(position_ids_BL, cfg.head_dim, cfg.rope_theta, x_BLD.dtype,
+                                       cfg.rope_scaling)
         choices = None
         if self.selector is not None:
             choices = cache.choices if cache is not None and cache.choices is not None else self.selector()
             if cache is not None:
                 cache.choices = choices
         tokens = self._tokens(task_BL, B, L)
+        recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x_BLD = layer(x_BLD, cos_BLd, sin_BLd, layout, None if choices is None else choices[i], tokens,
-                          None if cache is None else cache.layers[i])
+            args = (x_BLD, cos_BLd, sin_BLd, layout, None if choices is None else choices[i], tokens,
+                    None if cache is None else cache.layers[i])
+            # Non-reentrant checkpointing: the choice (drawn once above) and the layout are reused as they are.
+            x_BLD = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         if cache is not None:
             cache.doc_ids_BS = docs_BS
         return self.norm(x_BLD)
