@@ -16,6 +16,7 @@ is not wired here (hs_scale.config refuses it for arch lm).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,9 +90,10 @@ class LMStepEngine(StepEngine):
 
     def __init__(self, model: nn.Module, train_cfg, selection_cfg, parallel_cfg, dp_group, pad_id: int,
                  num_tasks: int, device: torch.device):
-        if train_cfg.activation_checkpointing:
-            raise ValueError("train.activation_checkpointing is not implemented for model.arch=lm; set it to false")
-        super().__init__(model, train_cfg, selection_cfg, parallel_cfg, dp_group, pad_id, num_tasks, device)
+        # StepEngine switches checkpointing on per encoder/decoder stack; the LM has one layer stack of its own.
+        super().__init__(model, dataclasses.replace(train_cfg, activation_checkpointing=False), selection_cfg,
+                         parallel_cfg, dp_group, pad_id, num_tasks, device)
+        model.checkpoint_activations = train_cfg.activation_checkpointing
         self.objective = LMObjective()
         self._flops = self.objective.flop_counter(model)
 

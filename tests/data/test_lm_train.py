@@ -18,7 +18,7 @@ def corpus(tmp_path_factory):
     return build_tiny_lm_corpus(str(tmp_path_factory.mktemp("lmt")))
 
 
-def _cfg(corpus, out, steps, **model):
+def _cfg(corpus, out, steps, train_kw=None, **model):
     vocab = load_tokenizer(corpus).vocab_size
     return config_from_dict({
         "model": {"arch": "lm", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
@@ -29,7 +29,7 @@ def _cfg(corpus, out, steps, **model):
                  "num_workers": 0},
         "train": {"output_dir": str(out), "steps": steps, "lr": 1e-2, "warmup_steps": 1, "schedule": "constant",
                   "label_smoothing": 0.0, "log_every": 1, "eval_every": 0, "save_every": 3, "threads": 1,
-                  "progress_bar": False},
+                  "progress_bar": False, **(train_kw or {})},
     })
 
 
@@ -50,6 +50,8 @@ def test_lm_trains_and_resumes_exactly(corpus, tmp_path):
     assert all(resumed[s] == losses[s] for s in range(4, 9)), (resumed, losses)
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "resume"] == [3]  # it did resume, not restart
+    train(_cfg(corpus, tmp_path / "c", 2, {"activation_checkpointing": True}))  # recomputed layers: same steps
+    assert _losses(tmp_path / "c") == pytest.approx({s: losses[s] for s in (1, 2)}, rel=1e-6)
 
 
 def test_lm_config_refusals(corpus, tmp_path):
