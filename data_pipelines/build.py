@@ -180,7 +180,10 @@ def build_from_rows(
     if acc.n:
         with open(os.path.join(out, "cmvn.json"), "w") as fh:
             json.dump(acc.to_json(), fh)
-    train_text = [r[c] for r in manifest if r["split"] == "train" for c in ("text", "translation") if r[c]]
+    # Lines, not whole texts: SentencePiece skips training "sentences" over 4192 bytes, and an LM document
+    # (data_pipelines.lm_corpus) is many paragraph lines.
+    train_text = [line for r in manifest if r["split"] == "train" for c in ("text", "translation")
+                  for line in r[c].split("\n") if line]
     langs = sorted({r["lang"] for r in manifest} | {r["tgt_lang"] for r in manifest} | {"en"})
     build_tokenizer(train_text or [r["text"] for r in manifest], os.path.join(out, "tokenizer"), langs,
                     vocab_size=vocab_size, seed=seed)

@@ -2,6 +2,7 @@
 
     hs-scale prepare-data --recipe demo --out data/demo
     hs-scale prepare-data --recipe asr8 --out data/asr8 --size 4000 --features --workers 2
+    hs-scale prepare-data --recipe lm_help --out data/lm --languages en,de,hi --size 200
     hs-scale prepare-data --from fairseq --input train_st.tsv --input dev_st.tsv --out data/mine
     hs-scale prepare-data --from nemo --input train.json --audio-tars audio_0.tar audio_1.tar --lang de --out data/n
     hs-scale prepare-data --from hf --input hf_dir --lang de --text-column sentence --out data/hf
@@ -18,12 +19,15 @@ import os
 import sys
 
 from data_pipelines.importers import FORMATS
+from data_pipelines.lm_corpus import LM_RECIPES
 from data_pipelines.recipes import RECIPES
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hs-scale prepare-data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="corpus recipe to build")
+    p.add_argument("--recipe", choices=sorted(RECIPES) + sorted(LM_RECIPES),
+                   help="corpus recipe to build (lm_help: the LM corpus, docs/lm_data.md)")
+    p.add_argument("--languages", help="lm_help: comma-separated languages (default: the recipe's 10)")
     g = p.add_argument_group("import (--from FORMAT; see docs/data.md)")
     g.add_argument("--from", dest="fmt", choices=FORMATS, help="import a corpus in this format instead of a recipe")
     g.add_argument("--input", action="append", default=[],
@@ -96,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.recipe:
         print("prepare-data: --recipe or --from is required unless --verify is given", file=sys.stderr)
         return 2
+    if args.recipe in LM_RECIPES:
+        from data_pipelines.lm_corpus import build_lm_corpus
+
+        info = build_lm_corpus(args.recipe, args.out, cache_dir=args.cache_dir, seed=args.seed, size=args.size,
+                               dev_size=args.dev_size, test_size=args.test_size, vocab_size=args.vocab_size,
+                               shard_size=args.shard_size,
+                               langs=tuple(args.languages.split(",")) if args.languages else None)
+        print(json.dumps({k: info[k] for k in ("recipe", "num_samples", "num_shards", "splits", "bytes",
+                                               "build_seconds", "verify_problems", "lm_stats")}))
+        return 0
     from data_pipelines.recipes import build_recipe
 
     info = build_recipe(

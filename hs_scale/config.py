@@ -26,6 +26,7 @@ import yaml
 from hs_scale.data.config import DataConfig
 from hs_scale.data.synthetic import SyntheticConfig
 from hs_scale.models.config import ModelConfig
+from hs_scale.models.lm.config import LMConfig
 from hs_scale.models.registry import MODEL_SPECS
 from hs_scale.parallel.layout import ParallelConfig, padded_vocab_size, validate_layout
 from hs_scale.selection.config import SelectionConfig
@@ -43,8 +44,8 @@ _PARALLEL_MINIMUM = {"tensor_parallel": 1, "pipeline_parallel": 1, "data_paralle
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Architecture (the `model:` section)."""
+    model: ModelConfig | LMConfig = field(default_factory=ModelConfig)
+    """Architecture (the `model:` section); `arch: lm` makes it the decoder-only LM's LMConfig."""
 
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """Head selection (the `selection:` section)."""
@@ -75,7 +76,7 @@ class Config:
             if self.data.modality != MODEL_SPECS[self.model.arch].modality:
                 raise ConfigError(
                     f"data.modality={self.data.modality!r} does not fit model.arch={self.model.arch!r}; "
-                    "use speech with s2t and text with text"
+                    "use speech with s2t, text with text and lm with lm"
                 )
         p = self.parallel
         for name, minimum in _PARALLEL_MINIMUM.items():
@@ -87,15 +88,19 @@ class Config:
             if p.engine != "megatron_ddp":
                 raise ConfigError(f"parallel.engine={p.engine!r} with tensor/pipeline parallelism is not supported "
                                   "by the trainer; use parallel.engine=megatron_ddp (ZeRO runs with tp=pp=1)")
+        lm = self.model.arch == "lm"
+        if lm and p.model_parallel > 1:
+            raise ConfigError("parallel.tensor_parallel / pipeline_parallel > 1 is not wired into the trainer for "
+                              "model.arch=lm yet; train the LM with data parallelism (tp = pp = 1)")
         try:
             validate_layout(
                 p,
                 world_size=p.model_parallel * (p.data_parallel or 1),
                 num_heads=self.model.num_heads,
                 pool_heads=self.selection.pool_heads if self.selection.enabled else self.model.num_heads,
-                encoder_layers=self.model.encoder_layers,
-                decoder_layers=self.model.decoder_layers,
-                ffn_dim=self.model.ffn_dim,
+                encoder_layers=0 if lm else self.model.encoder_layers,
+                decoder_layers=self.model.num_layers if lm else self.model.decoder_layers,
+                ffn_dim=self.model.intermediate_size if lm else self.model.ffn_dim,
                 vocab_size=padded_vocab_size(self.model.vocab_size, p.tensor_parallel),
                 strategy=self.selection.strategy,
                 num_microbatches=self.train.grad_accum,
@@ -115,6 +120,8 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
+        if LMConfig in options and isinstance(value, dict) and value.get("arch") == "lm":
+            options = (LMConfig,)  # model: an `arch: lm` section is an LMConfig (its own errors, not ModelConfig's)
         if value is None and type(None) in options:
             return None
         errors = []

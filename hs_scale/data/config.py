@@ -28,7 +28,10 @@ class DataConfig:
     """Task names; their order gives the task ids (first axis of the selector logits). Empty = every task found
     in the manifest (all splits), sorted. Set it explicitly when a checkpoint must keep its ids."""
     modality: str = "speech"
-    """"speech" (encoder input = filterbanks) or "text" (encoder input = source tokens)."""
+    """"speech" (encoder input = filterbanks), "text" (encoder input = source tokens) or "lm" (decoder-only:
+    documents packed into rows of `seq_len`, hs_scale.data.lm_loader, docs/lm_data.md)."""
+    seq_len: int = 512
+    """LM: tokens per packed row; a batch holds max_tokens_per_batch // seq_len rows."""
     target: str = "auto"
     """Decoder target: "auto" (translation when tgt_lang != lang, else the transcript), "transcript" (ASR even
     on an ST corpus; the decoder task then uses the source language) or "translation"."""
@@ -98,7 +101,7 @@ class DataConfig:
             if not ok:
                 raise ValueError(f"DataConfig.{msg}")
 
-        choices = {"task_key": TASK_KEY_TYPES, "modality": ("speech", "text"), "target": ("auto", "transcript",
+        choices = {"task_key": TASK_KEY_TYPES, "modality": ("speech", "text", "lm"), "target": ("auto", "transcript",
                    "translation"), "batch_mode": ("mixed", "homogeneous"), "cmvn": ("global", "utterance", "none"),
                    "decoder_start": ("lang_tag", "bos"), "on_error": ("skip", "raise"),
                    "on_missing_task": ("raise", "warn"),
@@ -123,11 +126,20 @@ class DataConfig:
             need(self.max_source_frames <= self.max_frames_per_batch,
                  f"max_source_frames={self.max_source_frames} exceeds max_frames_per_batch="
                  f"{self.max_frames_per_batch}: raise the batch budget or lower the utterance limit")
-        need(self.max_target_tokens + 1 <= self.max_tokens_per_batch,
+        need(self.modality == "lm" or self.max_target_tokens + 1 <= self.max_tokens_per_batch,
              f"max_target_tokens={self.max_target_tokens} does not fit max_tokens_per_batch="
              f"{self.max_tokens_per_batch}: raise the batch budget")
-        need(not (self.modality == "text" and self.precomputed_features),
+        need(not (self.modality != "speech" and self.precomputed_features),
              "precomputed_features=True needs modality='speech'")
+        if self.modality == "lm":
+            need(2 <= self.seq_len <= self.max_tokens_per_batch,
+                 f"seq_len={self.seq_len}: must be >= 2 and <= max_tokens_per_batch={self.max_tokens_per_batch} "
+                 "(a batch holds max_tokens_per_batch // seq_len rows)")
+
+    @property
+    def lm_rows_per_batch(self) -> int:
+        """LM: packed rows per batch (B)."""
+        return self.max_tokens_per_batch // self.seq_len
 
     @property
     def corpus_dir(self) -> str:

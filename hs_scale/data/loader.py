@@ -394,5 +394,10 @@ class StreamLoader:
 
 
 def build_loader(cfg: DataConfig, split: str, dp_rank: int, dp_size: int, tokenizer, train: bool) -> StreamLoader:
-    """The loader for `split` on data-parallel rank dp_rank of dp_size (pass them explicitly; see module doc)."""
+    """The loader for `split` on data-parallel rank dp_rank of dp_size (pass them explicitly; see module doc).
+    modality "lm": hs_scale.data.lm_loader.LMStreamLoader (packed LMBatch)."""
+    if cfg.modality == "lm":
+        from hs_scale.data.lm_loader import LMStreamLoader
+
+        return LMStreamLoader(cfg, split, dp_rank, dp_size, tokenizer, train)
     return StreamLoader(cfg, split, dp_rank, dp_size, tokenizer, train)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
+from hs_scale.models.lm.model import LMModel
 from hs_scale.models.s2t import S2TTransformer
-from hs_scale.models.seq2seq import Seq2SeqModel
 from hs_scale.models.text import TextTransformer
 
 
@@ -19,11 +21,11 @@ class ModelSpec:
     arch: str
     """The `model.arch` value."""
 
-    model_class: type[Seq2SeqModel]
+    model_class: type[nn.Module]
     """Built as model_class(model_cfg, selection_cfg, num_tasks)."""
 
     modality: str
-    """The `data.modality` its corpora have: "speech" or "text"."""
+    """The `data.modality` its corpora have: "speech", "text" or "lm" (packed documents)."""
 
     hf_class: str
     """transformers class of a dense (per-task) export."""
@@ -36,4 +38,5 @@ MODEL_SPECS = {
     "s2t": ModelSpec("s2t", S2TTransformer, "speech", "Speech2TextForConditionalGeneration",
                      "AutoModelForSpeechSeq2Seq"),
     "text": ModelSpec("text", TextTransformer, "text", "M2M100ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    "lm": ModelSpec("lm", LMModel, "lm", "LlamaForCausalLM", "AutoModelForCausalLM"),
 }  # fmt: skip

@@ -118,6 +118,12 @@ class Seq2SeqModel(nn.Module):
         for selector in self.selectors.values():
             selector.set_temperature(tau)
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each encoder and decoder layer in backward instead of keeping its activations."""
+        for stack in (self.encoder, self.decoder):
+            if stack is not None:
+                stack.checkpoint_activations = True
+
     # ----------------------------------------------------------------------------------------------- decoding
     def new_cache(self) -> DecoderCache:
         """An empty KV cache for one incremental decoding run (generation)."""

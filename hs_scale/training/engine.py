@@ -105,7 +105,7 @@ class StepEngine:
         self.num_tasks, self.device = num_tasks, device
         self.objective = objective_for(model.config)
         self._flops = self.objective.flop_counter(model)  # the dense sizes, before any sharding
-        self._ctc = model.config.ctc_weight > 0
+        self._ctc = self.objective.has_ctc
         self.dp_size = 1 if groups is None else groups.dp_size
         model_parallel = 1 if groups is None else groups.tp_size * groups.pp_size
         self.world_size = self.dp_size * model_parallel
@@ -118,9 +118,7 @@ class StepEngine:
         else:
             self.modules = [model]
             if train_cfg.activation_checkpointing:
-                for stack in (getattr(model, "encoder", None), model.decoder):
-                    if stack is not None:
-                        stack.checkpoint_activations = True
+                model.enable_activation_checkpointing()
         self.optimizer, self.scheduler = build_optimizer(self.modules, train_cfg)
         self.wrapped: list[nn.Module] = list(self.modules)
         if self.kind == "megatron_ddp":
@@ -220,6 +218,9 @@ class StepEngine:
             "nll": float(nll.sum() / tok.sum().clamp(min=1)),
             "nll_per_task": {task_names[k]: float(nll[k] / tok[k]) for k in seen},
         }
+        # Perplexity, exp(nll) (capped: an untrained model's nll can overflow exp).
+        result["ppl"] = math.exp(min(result["nll"], 50.0))
+        result["ppl_per_task"] = {task: math.exp(min(v, 50.0)) for task, v in result["nll_per_task"].items()}
         if not self.staged:
             result["token_accuracy"] = float(hits.sum() / tok.sum().clamp(min=1))
             result["token_accuracy_per_task"] = {task_names[k]: float(hits[k] / tok[k]) for k in seen}

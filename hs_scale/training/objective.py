@@ -63,6 +63,9 @@ class ObjectiveOutput:
 class Objective(Protocol):
     """What the step engine needs from a model family (see the module docstring)."""
 
+    has_ctc: bool
+    """Whether the loss has a CTC term (the engine then reports the CTC loss)."""
+
     def num_tokens(self, batch) -> int: ...
 
     def __call__(self, model: nn.Module, batch, *, label_smoothing: float,
@@ -84,6 +87,7 @@ class Seq2SeqObjective:
 
     def __init__(self, model_cfg):
         self.pad_id, self.ctc_weight = model_cfg.pad_token_id, model_cfg.ctc_weight
+        self.has_ctc = self.ctc_weight > 0
 
     def num_tokens(self, batch) -> int:
         return int((batch.target != self.pad_id).sum())
@@ -158,9 +162,17 @@ def joint_loss_sum(model: nn.Module, batch, pad_id: int, label_smoothing: float,
     return (loss_sum, nll, ctc_sum, logits) if return_logits else (loss_sum, nll, ctc_sum)
 
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {"s2t": Seq2SeqObjective, "text": Seq2SeqObjective}
+def _lm_objective(model_cfg) -> Objective:
+    from hs_scale.training.lm_objective import LMObjective  # imports ObjectiveOutput from here
+
+    return LMObjective(model_cfg)
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "s2t": Seq2SeqObjective, "text": Seq2SeqObjective, "lm": _lm_objective,
+}
 """model.config.arch -> the objective's constructor, called with the ModelConfig. The one registry: a new model
-family adds its entry here (OBJECTIVES["lm"] = LMObjective)."""
+family adds its entry here."""
 
 
 def objective_for(model_cfg) -> Objective:

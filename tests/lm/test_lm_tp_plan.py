@@ -67,7 +67,7 @@ def test_lm_config_file_builds_a_model():
 
     import yaml
 
-    raw = yaml.safe_load((Path(__file__).parents[2] / "configs" / "lm_tiny.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).parents[2] / "configs" / "lm_demo.yaml").read_text())
     cfg, sel = LMConfig(**raw["model"]), SelectionConfig(**raw["selection"])
     model = LMModel(cfg, sel, num_tasks=8)
     assert model.candidates == 2 and model.selector.logits.shape == (8, cfg.num_layers, 8)

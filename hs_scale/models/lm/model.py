@@ -175,6 +175,16 @@ class LMModel(nn.Module):
     def pool_heads(self) -> int:
         return self.config.num_heads * self.candidates
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations."""
+        self.checkpoint_activations = True
+
+    @property
+    def selectors(self) -> dict[str, HeadSelector]:
+        """{site name: selector}, as the encoder-decoders have: {"decoder_self": ...}, or {} for a dense model
+        (what the step engine gathers the selection table from)."""
+        return {} if self.selector is None else {"decoder_self": self.selector}
+
     def head_selection_table(self) -> list[list[list[int]]] | None:
         """Deterministic selection: table[task][layer] = pool candidates in slot order (None: dense model)."""
         return None if self.selector is None else self.selector.table()
