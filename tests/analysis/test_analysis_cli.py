@@ -64,9 +64,9 @@ def test_plot_of_a_selection_checkpoint(tmp_path):
     """Figs 3-4 of a head-selection encoder-decoder checkpoint, through hs_scale.selection.analysis."""
     from hs_scale.checkpoint import CheckpointManager
     from hs_scale.config import Config
+    from hs_scale.data.synthetic import SyntheticConfig
     from hs_scale.models import ModelConfig, build_model
     from hs_scale.selection.config import SelectionConfig
-    from hs_scale.training.synthetic import SyntheticConfig
 
     synth = SyntheticConfig(rules=["copy", "reverse", "shift"], num_symbols=8, min_len=3, max_len=6, batch_size=4)
     model_cfg = ModelConfig(arch="text", d_model=16, encoder_layers=1, decoder_layers=1, num_heads=2, ffn_dim=16,
