@@ -213,9 +213,10 @@ def main_import(argv: list[str] | None = None) -> int:
 
         from hs_scale.export.upcycle import import_dense
         from hs_scale.selection.config import SelectionConfig
+        from hs_scale.selection.sites import SITE_NAMES
 
         off = {t.strip() for t in args.no_select.split(",") if t.strip()}
-        unknown = off - {"encoder_self", "decoder_self", "cross"}
+        unknown = off - set(SITE_NAMES)
         if unknown:
             raise ExportError(f"--no-select {sorted(unknown)}: use encoder_self, decoder_self or cross")
         selection = SelectionConfig(strategy=args.strategy, pool_heads=args.pool_size,

@@ -29,6 +29,7 @@ from hs_scale.export.materialize import (
 from hs_scale.models.config import ModelConfig
 from hs_scale.models.hf_names import HF_CLASSES, build_hf_config, to_hf_state_dict
 from hs_scale.selection.config import SelectionConfig
+from hs_scale.selection.sites import SITES
 
 
 def resolve_decoder_start(config_dict: dict | None, task_names: list[str], decoder_task: str, tokenizer=None) -> int:
@@ -117,7 +118,7 @@ def export_task(
         "hf_class": HF_CLASSES[model_cfg.arch],
         "decoder_start_token_id": start,
         "pool_heads": selection_cfg.pool_heads if selection_cfg.enabled else model_cfg.num_heads,
-        "heads": {t: table[enc_id if t == "encoder_self" else dec_id] for t, table in tables.items()},
+        "heads": {t: table[SITES[t].task(enc_id, dec_id)] for t, table in tables.items()},
         "notes": notes,
     }
     with open(os.path.join(out_dir, "hs_scale_export.json"), "w") as fh:

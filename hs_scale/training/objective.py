@@ -118,12 +118,11 @@ class Seq2SeqObjective:
         counts them too)."""
         enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder.", "selectors.")))
         dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder."))
-        conv = getattr(model.encoder, "conv", None)
-        subsample = None if conv is None else conv.output_lengths
+        cfg = model.config
 
         def flops(batch) -> float:
             if getattr(batch, "features", None) is not None:
-                src = float(subsample(batch.feature_lengths.cpu()).sum())
+                src = float(cfg.subsampled_lengths(batch.feature_lengths.cpu()).sum())
             else:
                 src = float(batch.source_lengths.sum())
             return 6.0 * (enc * src + dec * float(batch.target_lengths.sum()))
