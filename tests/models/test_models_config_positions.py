@@ -71,10 +71,12 @@ def test_invalid_configs_name_field_and_fix(kwargs, match):
 def test_every_arch_has_a_model_spec_that_builds_it():
     from hs_scale.models import MODEL_SPECS, build_model
     from hs_scale.models.config import ARCHS
+    from hs_scale.models.lm import LMConfig
 
-    assert sorted(MODEL_SPECS) == sorted(ARCHS)
+    assert sorted(MODEL_SPECS) == sorted((*ARCHS, "lm"))  # the encoder-decoders' ModelConfig archs + the LM
     for arch, spec in MODEL_SPECS.items():
-        cfg = tiny_model_config(arch)
+        cfg = (LMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                        num_kv_heads=1) if arch == "lm" else tiny_model_config(arch))
         assert type(build_model(cfg, None, 1)) is spec.model_class and spec.arch == arch
 
 
