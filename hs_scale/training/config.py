@@ -64,6 +64,15 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between evaluations (0: only at the end)."""
 
+    wandb: str = "off"
+    """Weights & Biases logging on rank 0: "off", "offline" (run files under <output_dir>/wandb, no network;
+    `wandb sync <dir>` uploads them later) or "online" (needs `wandb login` or WANDB_API_KEY in the environment,
+    never in the config). Logs what metrics.jsonl holds (train loss, lr, temperature, per-task losses, eval) and
+    the selection table at each evaluation. Needs the `track` extra (pip install wandb)."""
+
+    wandb_project: str = "hs_scale"
+    """W&B project of the run (the run's name is its output dir's name)."""
+
     seed: int = 1
     """Seed of parameter init, dropout and sampling."""
 
@@ -123,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.wandb not in ("off", "offline", "online"):
+            raise ValueError(f"train.wandb={self.wandb!r} is unknown; use off, offline or online")
         if self.on_corrupt not in ("fallback", "raise"):
             raise ValueError(f"train.on_corrupt={self.on_corrupt!r} is unknown; use fallback or raise")
         if self.keep_last < 1:

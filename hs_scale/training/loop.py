@@ -182,6 +182,7 @@ class Trainer:
         metrics = {
             "loss": result.loss, "grad_norm": result.grad_norm, "lr": self.engine.scheduler.get_last_lr()[0],
             "tokens": result.tokens, "tokens_per_s": result.tokens / seconds, "step_s": seconds,
+            "temperature": self.selection_cfg.temperature_at(self.step - 1),
             "tflops_per_s": flops / seconds / 1e12,
             "nll_per_task": {name: float(result.nll_per_task[k] / result.tokens_per_task[k])
                              for k, name in enumerate(self.task_names) if result.tokens_per_task[k] > 0},
@@ -200,6 +201,7 @@ class Trainer:
             result["selection_changes"] = count_changes(self.last_table, table)
             self.last_table = table
         if self.is_main and table and self.logger is not None:
+            self.logger.log_selection(self.step, table, self.task_names)
             write_heatmap(self.logger.dir / "heatmaps" / f"step_{self.step:06d}.png", table, self.task_names,
                           self.selection_cfg.pool_heads, f"selected heads at step {self.step}",
                           self.logger.tb_writer, self.step)

@@ -1,4 +1,5 @@
-"""Where metrics go: a JSONL log (one object per line), the console, and TensorBoard when installed.
+"""Where metrics go: a JSONL log (one object per line), the console, TensorBoard when installed, and Weights &
+Biases when asked for (`train.wandb`: offline or online).
 
 After a resume, the steps between the checkpoint and the last step logged before the interruption are trained
 again: `mark_resume` appends a {"kind": "resume", "step": S, "recomputed_until": M} line and every record of a
@@ -16,7 +17,8 @@ from tqdm import tqdm
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, echo: bool = True):
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, echo: bool = True, wandb: str = "off",
+                 wandb_project: str = "hs_scale", config: dict | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -30,6 +32,7 @@ class MetricsLogger:
                 self.tb_writer = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:  # tensorboard is a declared dependency; tolerate a minimal environment
                 self.tb_writer = None
+        self.wandb_run = None if wandb == "off" else _start_wandb(self.dir, wandb, wandb_project, config)
 
     def mark_resume(self, step: int) -> None:
         """Record that training continues from checkpoint `step` (see module docstring)."""
@@ -58,13 +61,40 @@ class MetricsLogger:
         if self.tb_writer is not None:
             for key, value in _flatten(values).items():
                 self.tb_writer.add_scalar(f"{kind}/{key}", value, step)
+        if self.wandb_run is not None and step > self.recompute_until:  # W&B steps only go forward
+            self.wandb_run.log({f"{kind}/{k}": v for k, v in _flatten(values).items()}, step=step)
         if self.echo:
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in _flatten(values).items())
             tqdm.write(f"[{kind} {step}] {shown}")
 
+    def log_selection(self, step: int, tables: dict, task_names: list[str]) -> None:
+        """The deterministic selection table {site: table[task][layer] = heads} (W&B: a table per evaluation)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        rows = [[site, task_names[k], layer, ",".join(map(str, heads))]
+                for site, table in tables.items() for k, per_layer in enumerate(table)
+                for layer, heads in enumerate(per_layer)]
+        self.wandb_run.log({"selection": wandb.Table(columns=["site", "task", "layer", "heads"], data=rows)},
+                           step=step)
+
     def close(self) -> None:
         if self.tb_writer is not None:
             self.tb_writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _start_wandb(out: Path, mode: str, project: str, config: dict | None):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"train.wandb={mode} needs the wandb package: pip install 'hs-scale[track]' "
+                         "(or set train.wandb=off)") from None
+    return wandb.init(project=project, name=out.name, dir=str(out), mode=mode, config=config or {},
+                      settings=wandb.Settings(console="off", silent=True))
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, float]:

@@ -31,7 +31,8 @@ from hs_scale.config import ConfigError
 # layout (checkpoints are reshardable; a changed data-parallel size is refused by the data cursor itself).
 SAFE_ON_RESUME = {
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.threads",
-    "train.progress_bar", "train.on_corrupt", "train.resume", "train.allow_config_change", "train.init_from",
+    "train.progress_bar", "train.wandb", "train.wandb_project",
+    "train.on_corrupt", "train.resume", "train.allow_config_change", "train.init_from",
     "train.force_unlock", "train.peak_tflops", "train.output_dir", "train.device", "train.max_nonfinite_steps",
     "data.manifest", "data.tokenizer", "data.num_workers", "data.prefetch_factor", "data.worker_start_method",
 }

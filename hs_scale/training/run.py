@@ -108,7 +108,8 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
     if plan.init and env.is_main:
         print(f"initialised from {plan.init[1]} (step 0, new optimizer)", flush=True)
     seed_everything(cfg.train.seed + 1000 * dp_rank)  # different dropout masks per replica
-    logger = MetricsLogger(out) if env.is_main else None
+    logger = (MetricsLogger(out, wandb=cfg.train.wandb, wandb_project=cfg.train.wandb_project, config=cfg.to_dict())
+              if env.is_main else None)
     trainer = Trainer(cfg.train, cfg.selection, engine, source, logger, checkpoints,
                       cfg.to_dict(), env.is_main, groups, on_checkpoint)
     if plan.resume:
@@ -125,6 +126,8 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
         (out / "result.json").write_text(json.dumps(result, indent=2))
         if logger.tb_writer is not None:
             written.append("tensorboard/")
+        if logger.wandb_run is not None:
+            written.append("wandb/")
         logger.close()
         print(f"outputs in {out}: {' '.join(written)}")
     return result
