@@ -33,7 +33,7 @@ from hs_scale.data import urls
 from hs_scale.data.config import ERROR_KINDS, DataConfig
 from hs_scale.data.manifest import infer_tasks, read_manifest
 from hs_scale.data.packing import LMBatch, Piece, fill_rows, pack_pieces
-from hs_scale.data.plan import Meta, _cycle_stream, _seed, reader_rows, stream_probs
+from hs_scale.data.plan import Meta, _cycle_stream, _seed, reader_rows, require_same_plan, stream_probs
 from hs_scale.data.shards import TEXT, SampleError, StreamReader, check_crcs, decode_text
 
 log = logging.getLogger(__name__)
@@ -293,12 +293,8 @@ class LMStreamLoader:
                 "task_tokens": dict(self._task_tokens)}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("kind", "split", "dp_rank", "dp_size", "num_workers", "seed", "seq_len", "rows_per_batch",
-                  "num_rows"):
-            mine = self.state_dict()[k]
-            if state.get(k) != mine:
-                raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has {mine!r}: exact resume "
-                                 f"needs the same {k} (the packing plan depends on it)")
+        require_same_plan(state, self.state_dict(), ("kind", "split", "dp_rank", "dp_size", "num_workers", "seed",
+                                                     "seq_len", "rows_per_batch", "num_rows"), "packing")
         self._consumed, self._tokens = int(state["consumed"]), int(state["tokens"])
         self.error_counts = Counter(state["error_counts"])
         self._bad = {(k, key) for k, key in state.get("bad_samples", [])}

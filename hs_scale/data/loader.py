@@ -37,7 +37,7 @@ from hs_scale.data import urls
 from hs_scale.data.batch import Batch, collate, empty_batch
 from hs_scale.data.config import ERROR_KINDS, DataConfig
 from hs_scale.data.manifest import infer_tasks, load_meta
-from hs_scale.data.plan import Meta, eval_plan, reader_rows, train_pools
+from hs_scale.data.plan import Meta, eval_plan, reader_rows, require_same_plan, train_pools
 from hs_scale.data.shards import (
     AUDIO,
     FBANK,
@@ -375,11 +375,8 @@ class StreamLoader:
                 "task_samples": dict(self._task_samples)}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("split", "dp_rank", "dp_size", "num_workers", "seed", "batch_mode", "num_rows"):
-            mine = self.state_dict()[k]
-            if state.get(k) != mine:
-                raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has {mine!r}: exact resume "
-                                 f"needs the same {k} (the batch plan depends on it)")
+        require_same_plan(state, self.state_dict(),
+                          ("split", "dp_rank", "dp_size", "num_workers", "seed", "batch_mode", "num_rows"), "batch")
         self._consumed, self._samples = int(state["consumed"]), int(state["samples"])
         self.error_counts = Counter(state["error_counts"])
         self._bad = {(k, key) for k, key in state.get("bad_samples", [])}

@@ -168,3 +168,12 @@ def eval_plan(meta: Meta, cfg, dp_rank: int, dp_size: int) -> list[tuple[np.ndar
         # metrics skip them; they only occur in the last step.
         out.append((batches[i], False) if i < len(batches) else (batches[i % len(batches)], True))
     return out
+
+
+def require_same_plan(state: dict, mine: dict, keys: tuple[str, ...], plan: str) -> None:
+    """Refuse a loader state whose `keys` differ from this loader's (`mine`): the `plan` ("batch", "packing")
+    depends on them, so resuming across a difference would not continue exactly."""
+    for k in keys:
+        if state.get(k) != mine[k]:
+            raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has {mine[k]!r}: exact resume "
+                             f"needs the same {k} (the {plan} plan depends on it)")
