@@ -135,7 +135,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def main_export(argv: list[str] | None = None) -> int:
-    from hs_scale.models.lm import cli as lm_cli
+    from hs_scale.export import lm_cli
 
     if lm_cli.lm_target(argv, "--checkpoint"):  # decoder-only LMs: their own exporter (docs/lm.md)
         return lm_cli.main_export(argv)
@@ -202,7 +202,7 @@ def import_parser() -> argparse.ArgumentParser:
 
 
 def main_import(argv: list[str] | None = None) -> int:
-    from hs_scale.models.lm import cli as lm_cli
+    from hs_scale.export import lm_cli
 
     if lm_cli.lm_target(argv, "--model"):  # Llama / Mistral / Qwen2 folders: the LM importer (docs/lm.md)
         return lm_cli.main_import(argv)

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from hs_scale.analysis.lahis import lahis_scores  # noqa: E402
 from hs_scale.analysis.report import write_scores  # noqa: E402
 from hs_scale.cli import main as hs_scale_main  # noqa: E402
-from hs_scale.models.lm.cli import load_lm  # noqa: E402
+from hs_scale.export.lm_cli import load_lm  # noqa: E402
 
 LANGS = ("de", "fr")
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file  # noqa: E402
 from test_lm_parity import random_hf, tiny_llama  # noqa: E402
 
 from hs_scale.cli import main as hs_scale_main  # noqa: E402
-from hs_scale.models.lm.cli import is_lm_folder, load_lm, main_export  # noqa: E402
+from hs_scale.export.lm_cli import is_lm_folder, load_lm, main_export  # noqa: E402
 
 
 def test_import_then_export_a_language(tmp_path, capsys):
@@ -33,7 +33,7 @@ def test_import_then_export_a_language(tmp_path, capsys):
         torch.testing.assert_close(model(x, task_BL=torch.tensor([1, 2])), hf(x).logits, atol=1e-5, rtol=1e-5)
 
     argv = ["export-hf", "--checkpoint", str(tmp_path / "pool"), "--task", "b", "--out", str(tmp_path / "b")]
-    assert hs_scale_main(argv) == 0  # the hs-scale commands hand LM folders to hs_scale.models.lm.cli
+    assert hs_scale_main(argv) == 0  # the hs-scale commands hand LM folders to hs_scale.export.lm_cli
     exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "b").eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
