@@ -33,7 +33,7 @@ from hs_scale.data import urls
 from hs_scale.data.config import ERROR_KINDS, DataConfig
 from hs_scale.data.manifest import infer_tasks, read_manifest
 from hs_scale.data.packing import LMBatch, Piece, fill_rows, pack_pieces
-from hs_scale.data.plan import Meta, _cycle_stream, _seed, reader_rows, require_same_plan, stream_probs
+from hs_scale.data.plan import BadSamples, Meta, _cycle_stream, _seed, reader_rows, require_same_plan, stream_probs
 from hs_scale.data.shards import TEXT, SampleError, StreamReader, check_crcs, decode_text
 
 log = logging.getLogger(__name__)
@@ -215,15 +215,14 @@ class LMStreamLoader:
         self.cfg, self.split, self.dp_rank, self.dp_size = cfg, split, dp_rank, dp_size
         self.tokenizer, self.train = tokenizer, train
         self.tasks = T.TaskVocab(list(cfg.tasks) or infer_tasks(cfg))
-        self.error_counts: Counter = Counter({k: 0 for k in ERROR_KINDS})
-        self._bad: set[tuple[str, str]] = set()
+        self.bad = BadSamples(cfg.on_error, ERROR_KINDS, "document")
         self.missing_tasks: list[str] = []
         self._consumed = self._tokens = self._padding = 0
         self._task_tokens: Counter = Counter()
-        self.meta = load_lm_meta(cfg, split, tokenizer, self.tasks, self._on_bad)
+        self.meta = load_lm_meta(cfg, split, tokenizer, self.tasks, self.bad)
         if len(self.meta) == 0:
             raise RuntimeError(f"split {split!r} of {cfg.manifest_path}: every document was dropped "
-                               f"({dict(self.error_counts)})")
+                               f"({dict(self.bad.counts)})")
         missing = [s for s in self.meta.shards if not urls.exists(urls.join(cfg.corpus_dir, s), cfg.io_timeout)]
         if len(missing) == len(self.meta.shards):
             raise FileNotFoundError(f"none of the {len(missing)} shards of split {split!r} exist under "
@@ -232,15 +231,11 @@ class LMStreamLoader:
             log.warning("shard %s is missing: its documents will count as 'io_error'", s)
         self._plan_len = None if train else len(eval_lm_plan(self.meta, cfg, dp_rank, dp_size))
 
-    def _on_bad(self, kind: str, key: str, shard: str, msg: str) -> None:
-        if self.cfg.on_error == "raise":
-            raise RuntimeError(f"bad sample (on_error=raise): {kind}: sample {key!r} in shard {shard}: {msg}")
-        if (kind, key) in self._bad:
-            return
-        self._bad.add((kind, key))
-        self.error_counts[kind] += 1
-        level = logging.WARNING if self.error_counts[kind] <= 20 else logging.DEBUG
-        log.log(level, "skipping bad document: %s: %s in %s: %s", kind, key, shard, msg)
+
+    @property
+    def error_counts(self) -> Counter:
+        """kind -> unique bad samples skipped so far (see BadSamples)."""
+        return self.bad.counts
 
     def __len__(self) -> int:
         if self.train:
@@ -262,7 +257,7 @@ class LMStreamLoader:
             for b in it:
                 self._consumed += 1
                 for kind, key, shard, msg in b.errors:
-                    self._on_bad(kind, key, shard, msg)
+                    self.bad(kind, key, shard, msg)
                 b.errors = []
                 self._count(b)
                 yield b
@@ -289,20 +284,19 @@ class LMStreamLoader:
                 "dp_size": self.dp_size, "num_workers": self.cfg.num_workers, "seed": self.cfg.seed,
                 "seq_len": self.cfg.seq_len, "rows_per_batch": self.cfg.lm_rows_per_batch,
                 "num_rows": len(self.meta), "consumed": self._consumed, "tokens": self._tokens,
-                "error_counts": dict(self.error_counts), "bad_samples": sorted([k, key] for k, key in self._bad),
+                **self.bad.state(),
                 "task_tokens": dict(self._task_tokens)}
 
     def load_state_dict(self, state: dict) -> None:
         require_same_plan(state, self.state_dict(), ("kind", "split", "dp_rank", "dp_size", "num_workers", "seed",
                                                      "seq_len", "rows_per_batch", "num_rows"), "packing")
         self._consumed, self._tokens = int(state["consumed"]), int(state["tokens"])
-        self.error_counts = Counter(state["error_counts"])
-        self._bad = {(k, key) for k, key in state.get("bad_samples", [])}
+        self.bad.load(state)
         self._task_tokens = Counter(state["task_tokens"])
 
     def stats(self) -> dict:
         out = {"batches": self._consumed, "tokens": self._tokens, "padding_batches": self._padding,
-               "errors": {k: v for k, v in self.error_counts.items() if v}, "task_tokens": dict(self._task_tokens)}
+               "errors": self.bad.nonzero(), "task_tokens": dict(self._task_tokens)}
         if self.missing_tasks:
             out["missing_tasks"] = list(self.missing_tasks)
         return out

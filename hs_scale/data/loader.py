@@ -37,7 +37,7 @@ from hs_scale.data import urls
 from hs_scale.data.batch import Batch, collate, empty_batch
 from hs_scale.data.config import ERROR_KINDS, DataConfig
 from hs_scale.data.manifest import infer_tasks, load_meta
-from hs_scale.data.plan import Meta, eval_plan, reader_rows, require_same_plan, train_pools
+from hs_scale.data.plan import BadSamples, Meta, eval_plan, reader_rows, require_same_plan, train_pools
 from hs_scale.data.shards import (
     AUDIO,
     FBANK,
@@ -224,8 +224,9 @@ class _Dataset(torch.utils.data.IterableDataset):
 class StreamLoader:
     """Iterable of Batch for one data-parallel rank. See the module docstring for the contract.
 
-    Attributes: `tasks` (TaskVocab), `error_counts` (Counter kind -> unique bad samples), `error_keys` (last 100
-    (kind, key, shard)), `missing_tasks` (streams dropped because all their shards are missing), `stats()`.
+    Attributes: `tasks` (TaskVocab), `bad` (BadSamples: `error_counts` = bad.counts, kind -> unique bad
+    samples; bad.recent: the last 100 (kind, key, shard)), `missing_tasks` (streams dropped because all their
+    shards are missing), `stats()`.
     `state_dict()` / `load_state_dict()` hold plain ints/strs/dicts only.
     """
 
@@ -235,18 +236,16 @@ class StreamLoader:
         self.cfg, self.split, self.dp_rank, self.dp_size = cfg, split, dp_rank, dp_size
         self.tokenizer, self.train = tokenizer, train
         self.tasks = T.TaskVocab(list(cfg.tasks) or infer_tasks(cfg))
-        self.error_counts: Counter = Counter({k: 0 for k in ERROR_KINDS})
-        self.error_keys: list[tuple[str, str, str]] = []
-        self._bad: set[tuple[str, str]] = set()
+        self.bad = BadSamples(cfg.on_error, ERROR_KINDS, "sample")
         self.missing_tasks: list[str] = []
         self._consumed = 0
         self._samples = 0
         self._padding = 0
         self._task_samples: Counter = Counter()
-        self.meta = load_meta(cfg, split, tokenizer, self.tasks, self._on_bad)
+        self.meta = load_meta(cfg, split, tokenizer, self.tasks, self.bad)
         if len(self.meta) == 0:
             raise RuntimeError(
-                f"split {split!r} of {cfg.manifest_path}: every row was dropped ({dict(self.error_counts)})")
+                f"split {split!r} of {cfg.manifest_path}: every row was dropped ({dict(self.bad.counts)})")
         self._check_shards_exist()
         if len(self.meta) == 0:
             raise RuntimeError(f"split {split!r} of {cfg.manifest_path}: no task has any shard left")
@@ -254,16 +253,6 @@ class StreamLoader:
         self._plan_len = len(eval_plan(self.meta, cfg, dp_rank, dp_size)) if not train else None
 
     # ---- errors -------------------------------------------------------------------------------------------
-    def _on_bad(self, kind: str, key: str, shard: str, msg: str) -> None:
-        if self.cfg.on_error == "raise":
-            raise RuntimeError(f"bad sample (on_error=raise): {kind}: sample {key!r} in shard {shard}: {msg}")
-        if (kind, key) in self._bad:  # met again (a later epoch, a re-read): counted once
-            return
-        self._bad.add((kind, key))
-        self.error_counts[kind] += 1
-        self.error_keys = (self.error_keys + [(kind, key, shard)])[-100:]
-        level = logging.WARNING if self.error_counts[kind] <= 20 else logging.DEBUG  # no log floods
-        log.log(level, "skipping bad sample: %s: %s in %s: %s", kind, key, shard, msg)
 
     def _check_shards_exist(self) -> None:
         """Refuse a split none of whose shards exist, and (train) a task all of whose shards are missing."""
@@ -298,6 +287,11 @@ class StreamLoader:
         self.meta = m.subset(~np.isin(m.stream, gone))
 
     # ---- iteration ----------------------------------------------------------------------------------------
+    @property
+    def error_counts(self) -> Counter:
+        """kind -> unique bad samples skipped so far (see BadSamples)."""
+        return self.bad.counts
+
     def __len__(self) -> int:
         if self.train:
             raise TypeError("the train loader is infinite (it cycles); count steps instead")
@@ -335,7 +329,7 @@ class StreamLoader:
         for b in it:
             self._consumed += 1
             for kind, key, shard, msg in b.errors:
-                self._on_bad(kind, key, shard, msg)
+                self.bad(kind, key, shard, msg)
             b.errors = []
             if len(b) == 0:  # every sample of this planned batch was bad
                 pending_pad += 0 if self.train else 1
@@ -349,7 +343,7 @@ class StreamLoader:
         if pending_pad:
             if last_good is None:
                 raise RuntimeError(
-                    f"split {self.split!r}: no sample of this rank could be read ({dict(self.error_counts)})")
+                    f"split {self.split!r}: no sample of this rank could be read ({dict(self.bad.counts)})")
             for _ in range(pending_pad):
                 yield self._as_padding(last_good)
 
@@ -371,20 +365,19 @@ class StreamLoader:
         return {"version": _STATE_VERSION, "split": self.split, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "num_workers": self.cfg.num_workers, "seed": self.cfg.seed, "batch_mode": self.cfg.batch_mode,
                 "num_rows": len(self.meta), "consumed": self._consumed, "samples": self._samples,
-                "error_counts": dict(self.error_counts), "bad_samples": sorted([k, key] for k, key in self._bad),
+                **self.bad.state(),
                 "task_samples": dict(self._task_samples)}
 
     def load_state_dict(self, state: dict) -> None:
         require_same_plan(state, self.state_dict(),
                           ("split", "dp_rank", "dp_size", "num_workers", "seed", "batch_mode", "num_rows"), "batch")
         self._consumed, self._samples = int(state["consumed"]), int(state["samples"])
-        self.error_counts = Counter(state["error_counts"])
-        self._bad = {(k, key) for k, key in state.get("bad_samples", [])}
+        self.bad.load(state)
         self._task_samples = Counter(state["task_samples"])
 
     def stats(self) -> dict:
         out = {"batches": self._consumed, "samples": self._samples, "padding_batches": self._padding,
-               "errors": {k: v for k, v in self.error_counts.items() if v}, "task_samples": dict(self._task_samples)}
+               "errors": self.bad.nonzero(), "task_samples": dict(self._task_samples)}
         if self.missing_tasks:
             out["missing_tasks"] = list(self.missing_tasks)
         return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -177,3 +178,40 @@ def require_same_plan(state: dict, mine: dict, keys: tuple[str, ...], plan: str)
         if state.get(k) != mine[k]:
             raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has {mine[k]!r}: exact resume "
                              f"needs the same {k} (the {plan} plan depends on it)")
+
+
+class BadSamples:
+    """The bad-sample policy and its count, shared by the loaders (`data.on_error`, docs/data.md).
+
+    on_error "raise": the first bad sample stops the run with its kind, key, shard and message. "skip": it is
+    dropped and counted once per (kind, key), however often a later epoch or a re-read meets it again; the first
+    20 of each kind are logged as warnings, the rest at debug level (no log floods). `counts` (kind -> unique bad
+    samples) and the set of seen (kind, key) are part of a loader's resume state.
+    """
+
+    def __init__(self, on_error: str, kinds, what: str = "sample"):
+        self.on_error, self.what = on_error, what
+        self.counts: Counter = Counter({k: 0 for k in kinds})
+        self.seen: set[tuple[str, str]] = set()
+        self.recent: list[tuple[str, str, str]] = []  # the last 100 (kind, key, shard)
+
+    def __call__(self, kind: str, key: str, shard: str, msg: str) -> None:
+        if self.on_error == "raise":
+            raise RuntimeError(f"bad {self.what} (on_error=raise): {kind}: {self.what} {key!r} in shard {shard}: {msg}")
+        if (kind, key) in self.seen:
+            return
+        self.seen.add((kind, key))
+        self.counts[kind] += 1
+        self.recent = (self.recent + [(kind, key, shard)])[-100:]
+        level = logging.WARNING if self.counts[kind] <= 20 else logging.DEBUG
+        log.log(level, "skipping bad %s: %s: %s in %s: %s", self.what, kind, key, shard, msg)
+
+    def state(self) -> dict:
+        return {"error_counts": dict(self.counts), "bad_samples": sorted([k, key] for k, key in self.seen)}
+
+    def load(self, state: dict) -> None:
+        self.counts = Counter(state["error_counts"])
+        self.seen = {(k, key) for k, key in state.get("bad_samples", [])}
+
+    def nonzero(self) -> dict:
+        return {k: v for k, v in self.counts.items() if v}
