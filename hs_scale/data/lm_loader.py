@@ -33,7 +33,16 @@ from hs_scale.data import urls
 from hs_scale.data.config import ERROR_KINDS, DataConfig
 from hs_scale.data.manifest import infer_tasks, read_manifest
 from hs_scale.data.packing import LMBatch, Piece, fill_rows, pack_pieces
-from hs_scale.data.plan import BadSamples, Meta, _cycle_stream, _seed, reader_rows, require_same_plan, stream_probs
+from hs_scale.data.plan import (
+    BadSamples,
+    Meta,
+    PlannedLoader,
+    _cycle_stream,
+    _seed,
+    reader_rows,
+    require_same_plan,
+    stream_probs,
+)
 from hs_scale.data.shards import TEXT, SampleError, StreamReader, check_crcs, decode_text
 
 log = logging.getLogger(__name__)
@@ -205,13 +214,12 @@ class _LMDataset(torch.utils.data.IterableDataset):
             return None
 
 
-class LMStreamLoader:
+class LMStreamLoader(PlannedLoader):
     """Iterable of LMBatch for one data-parallel rank; the interface of hs_scale.data.loader.StreamLoader
     (`tasks`, `error_counts`, `state_dict()` / `load_state_dict()`, `stats()`)."""
 
     def __init__(self, cfg: DataConfig, split: str, dp_rank: int, dp_size: int, tokenizer, train: bool):
-        if not (isinstance(dp_size, int) and dp_size >= 1 and 0 <= dp_rank < dp_size):
-            raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
+        self.check_rank(dp_rank, dp_size)
         self.cfg, self.split, self.dp_rank, self.dp_size = cfg, split, dp_rank, dp_size
         self.tokenizer, self.train = tokenizer, train
         self.tasks = T.TaskVocab(list(cfg.tasks) or infer_tasks(cfg))
@@ -231,16 +239,6 @@ class LMStreamLoader:
             log.warning("shard %s is missing: its documents will count as 'io_error'", s)
         self._plan_len = None if train else len(eval_lm_plan(self.meta, cfg, dp_rank, dp_size))
 
-
-    @property
-    def error_counts(self) -> Counter:
-        """kind -> unique bad samples skipped so far (see BadSamples)."""
-        return self.bad.counts
-
-    def __len__(self) -> int:
-        if self.train:
-            raise TypeError("the train loader is infinite (it cycles); count steps instead")
-        return self._plan_len
 
     def __iter__(self):
         cfg = self.cfg

@@ -37,7 +37,7 @@ from hs_scale.data import urls
 from hs_scale.data.batch import Batch, collate, empty_batch
 from hs_scale.data.config import ERROR_KINDS, DataConfig
 from hs_scale.data.manifest import infer_tasks, load_meta
-from hs_scale.data.plan import BadSamples, Meta, eval_plan, reader_rows, require_same_plan, train_pools
+from hs_scale.data.plan import BadSamples, Meta, PlannedLoader, eval_plan, reader_rows, require_same_plan, train_pools
 from hs_scale.data.shards import (
     AUDIO,
     FBANK,
@@ -221,7 +221,7 @@ class _Dataset(torch.utils.data.IterableDataset):
         return s
 
 
-class StreamLoader:
+class StreamLoader(PlannedLoader):
     """Iterable of Batch for one data-parallel rank. See the module docstring for the contract.
 
     Attributes: `tasks` (TaskVocab), `bad` (BadSamples: `error_counts` = bad.counts, kind -> unique bad
@@ -231,8 +231,7 @@ class StreamLoader:
     """
 
     def __init__(self, cfg: DataConfig, split: str, dp_rank: int, dp_size: int, tokenizer, train: bool):
-        if not (isinstance(dp_size, int) and dp_size >= 1 and 0 <= dp_rank < dp_size):
-            raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
+        self.check_rank(dp_rank, dp_size)
         self.cfg, self.split, self.dp_rank, self.dp_size = cfg, split, dp_rank, dp_size
         self.tokenizer, self.train = tokenizer, train
         self.tasks = T.TaskVocab(list(cfg.tasks) or infer_tasks(cfg))
@@ -287,16 +286,6 @@ class StreamLoader:
         self.meta = m.subset(~np.isin(m.stream, gone))
 
     # ---- iteration ----------------------------------------------------------------------------------------
-    @property
-    def error_counts(self) -> Counter:
-        """kind -> unique bad samples skipped so far (see BadSamples)."""
-        return self.bad.counts
-
-    def __len__(self) -> int:
-        if self.train:
-            raise TypeError("the train loader is infinite (it cycles); count steps instead")
-        return self._plan_len
-
     def __iter__(self):
         cfg = self.cfg
         if not self.train:

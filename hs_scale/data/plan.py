@@ -215,3 +215,28 @@ class BadSamples:
 
     def nonzero(self) -> dict:
         return {k: v for k, v in self.counts.items() if v}
+
+
+class PlannedLoader:
+    """What the planned loaders (hs_scale.data.loader.StreamLoader, hs_scale.data.lm_loader.LMStreamLoader) share:
+    the rank check, the bad-sample count and the length of an eval plan. Subclasses set `train`, `bad`
+    (BadSamples) and `_plan_len` (batches of this rank's eval plan; None when training)."""
+
+    train: bool
+    bad: BadSamples
+    _plan_len: int | None
+
+    @staticmethod
+    def check_rank(dp_rank: int, dp_size: int) -> None:
+        if not (isinstance(dp_size, int) and dp_size >= 1 and 0 <= dp_rank < dp_size):
+            raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
+
+    @property
+    def error_counts(self) -> Counter:
+        """kind -> unique bad samples skipped so far (see BadSamples)."""
+        return self.bad.counts
+
+    def __len__(self) -> int:
+        if self.train:
+            raise TypeError("the train loader is infinite (it cycles); count steps instead")
+        return self._plan_len
