@@ -64,6 +64,32 @@ def time_fwd_bwd(fn, x, iters: int, warmup: int, device, clock=time.perf_counter
     return statistics.median(times)
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, backend: str, quick_help: str) -> None:
+    """The options every attention benchmark shares: iterations, device, dtype, kernel, threads, clock, JSON."""
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--backend", default=backend, help="sdpa | eager | flash | torch_varlen | auto")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU time (CPU only, with --threads 1): robust to other load")
+    parser.add_argument("--json", help="write results here")
+
+
+def timing_setup(parser: argparse.ArgumentParser, args) -> tuple[torch.device, torch.dtype, object]:
+    """(device, dtype, clock) from the shared options; seeds torch, sets threads, logs the backend choice."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # shows the attention backend chosen
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.clock == "process" and device.type != "cpu":
+        parser.error("--clock process measures CPU time: use it with --device cpu")
+    return device, dtype, time.process_time if args.clock == "process" else time.perf_counter
+
+
 def main(argv=None) -> dict:
     import sys
 
@@ -84,28 +110,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--pool", type=int, default=16)
     parser.add_argument("--tasks", type=int, default=8, help="tasks mixed in row d")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--backend", default="sdpa", help="sdpa | eager | flash | torch_varlen | auto")
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (< 1 minute on 2 CPU cores)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
-                        help="process: this process's CPU time (CPU only, with --threads 1): robust to other load")
-    parser.add_argument("--json", help="write results here")
+    add_timing_arguments(parser, backend="sdpa", quick_help="fewer iterations (< 1 minute on 2 CPU cores)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # shows the attention backend chosen
     if args.quick:
         args.iters, args.warmup = 3, 1
-
-    torch.manual_seed(0)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "process" and device.type != "cpu":
-        parser.error("--clock process measures CPU time: use it with --device cpu")
-    clock = time.process_time if args.clock == "process" else time.perf_counter
+    device, dtype, clock = timing_setup(parser, args)
     B, T, D, H, P = args.batch, args.seq, args.dim, args.heads, args.pool
     backend = resolve_backend(args.backend, device, dtype)
     kernel = KERNELS[backend]

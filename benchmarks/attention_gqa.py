@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import DTYPES, time_fwd_bwd  # noqa: E402
+from attention import add_timing_arguments, time_fwd_bwd, timing_setup  # noqa: E402
 
 from hs_scale.models.lm.model import rope_tables  # noqa: E402
 from hs_scale.selection.attention import TaskSegments  # noqa: E402
@@ -43,29 +41,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--candidates", type=int, default=2, help="r: candidates per query-head slot")
     parser.add_argument("--docs", type=int, default=8, help="documents packed in each row")
     parser.add_argument("--tasks", type=int, default=8, help="tasks mixed in row d")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--backend", default="auto", help="sdpa | eager | flash | torch_varlen | auto")
-    parser.add_argument("--quick", action="store_true", help="a small CPU-sized layer, few iterations")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
-                        help="process: this process's CPU time (CPU only, with --threads 1): robust to other load")
-    parser.add_argument("--json", help="write results here")
+    add_timing_arguments(parser, backend="auto", quick_help="a small CPU-sized layer, few iterations")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # shows the attention backend chosen
     if args.quick:
         args.batch, args.seq, args.dim, args.heads, args.kv_heads = 2, 512, 256, 8, 2
         args.iters, args.warmup = 5, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    torch.manual_seed(0)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.clock == "process" and device.type != "cpu":
-        parser.error("--clock process measures CPU time: use it with --device cpu")
-    clock = time.process_time if args.clock == "process" else time.perf_counter
+    device, dtype, clock = timing_setup(parser, args)
     B, T, D, H, G, r = args.batch, args.seq, args.dim, args.heads, args.kv_heads, args.candidates
     d = D // H
     backend = resolve_backend(args.backend, device, dtype)
