@@ -266,7 +266,26 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def config_from_dict(raw: dict) -> Config:
-    return build_dataclass(Config, raw, "")
+    return build_dataclass(Config, _upgrade_retired_fields(raw), "")
+
+
+def _upgrade_retired_fields(raw: dict) -> dict:
+    """Drop fields an earlier hs_scale wrote but this one no longer has, when their meaning lives on elsewhere.
+
+    Checkpoints keep the config they were trained with, so evaluate / export / init_from on an older run read
+    these fields; refusing them as unknown would strand every old checkpoint. A value the old version itself
+    refused is refused here too, naming the successor field.
+    """
+    parallel = raw.get("parallel")
+    if isinstance(parallel, dict) and "num_microbatches" in parallel:
+        parallel = dict(parallel)
+        microbatches = parallel.pop("num_microbatches")  # was a copy of train.grad_accum (1 or equal to it)
+        grad_accum = (raw.get("train") or {}).get("grad_accum", 1)
+        if microbatches not in (1, grad_accum):
+            raise ConfigError(f"parallel.num_microbatches={microbatches} was replaced by train.grad_accum "
+                              f"(micro-batches per optimizer step): set --train.grad_accum {microbatches}")
+        raw = {**raw, "parallel": parallel}
+    return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

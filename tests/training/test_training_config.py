@@ -98,3 +98,17 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_configs_of_older_checkpoints_still_load():
+    """A checkpoint written before parallel.num_microbatches became train.grad_accum must still evaluate/export:
+    the retired field is dropped when it agrees with its successor, refused with the new name otherwise."""
+    from hs_scale.config import config_from_dict
+
+    def saved(microbatches):
+        return {"synthetic": {}, "model": {"arch": "text"}, "parallel": {"num_microbatches": microbatches},
+                "train": {"grad_accum": 2}}
+
+    assert config_from_dict(saved(2)).train.grad_accum == 2
+    with pytest.raises(ConfigError, match=r"replaced by train.grad_accum.*--train.grad_accum 3"):
+        config_from_dict(saved(3))
