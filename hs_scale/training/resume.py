@@ -58,7 +58,7 @@ def _structural(field: str) -> bool:
 @dataclass
 class StartPlan:
     resume: str | None = None
-    init: tuple[str, str] | None = None  # ("checkpoint" | "import", folder)
+    init: tuple[str, str] | None = None  # ("checkpoint" | "import" | "upcycle", folder)
 
 
 def on_rank0(fn, c: Coords) -> Any:
@@ -182,8 +182,17 @@ def _resolve_init(source: str, now: dict, allowed: set[str]) -> tuple[str, str]:
             raise FileNotFoundError(f"train.init_from={source}: no checkpoint under it (expected step_* folders, a "
                                     "step folder, or an `hs-scale import-hf` output directory)")
     saved = _read_config(folder)
-    shapes = {"model": saved.get("model") or {}, "selection": saved.get("selection") or {}}
-    diffs = differences(shapes, {"model": now["model"], "selection": now["selection"]}, SAFE_ON_INIT | allowed)
+    upcycle = kind == "checkpoint" and _upcycles(saved, now)
+    if upcycle:  # dense weights into a selection pool: every selection field is new, the model's must agree
+        kind = "upcycle"
+        heads, pool = now["model"]["num_heads"], now["selection"]["pool_heads"]
+        if pool % heads:
+            raise ValueError(f"train.init_from={folder} holds a dense model (selection off) and this run selects "
+                             f"heads: upcycling repeats each of its {heads} heads H'/H times, so "
+                             f"selection.pool_heads={pool} must be a multiple of {heads} (e.g. {2 * heads})")
+    shapes = {"model": saved.get("model") or {}, "selection": {} if upcycle else saved.get("selection") or {}}
+    diffs = differences(shapes, {"model": now["model"], "selection": {} if upcycle else now["selection"]},
+                        SAFE_ON_INIT | allowed)
     theirs, ours = task_names(saved), task_names(now)
     if theirs and ours and theirs != ours:
         diffs.append(f"tasks (in task-id order): weights {theirs}, now {ours}")
@@ -193,16 +202,38 @@ def _resolve_init(source: str, now: dict, allowed: set[str]) -> tuple[str, str]:
     return kind, str(folder)
 
 
-def load_init_weights(kind: str, folder: str, model, groups=None) -> None:
-    """Copy verified weights (checked by start_plan) into `model` (any layout); optimizer state is not touched."""
+def _upcycles(saved: dict, now: dict) -> bool:
+    """init_from a dense encoder-decoder checkpoint (selection off) into a run that selects heads."""
+    dense = not (saved.get("selection") or {}).get("enabled", True)
+    return dense and now["selection"]["enabled"] and now["model"].get("arch") in ("s2t", "text")
+
+
+def load_init_weights(kind: str, folder: str, model, groups=None, cfg=None, num_tasks: int = 0) -> None:
+    """Copy verified weights (checked by start_plan) into `model` (any layout); optimizer state is not touched.
+
+    kind "upcycle" (a dense checkpoint into this run's selection pool, `cfg` and `num_tasks` needed): each dense
+    head becomes r = H'/H identical candidates with phi favouring the first (hs_scale.models.upcycle), so step 0
+    computes the dense model's function for every task and training lets the copies specialise per task.
+    """
+    from hs_scale.checkpoint import state
     from hs_scale.checkpoint.ranks import coords, tp_context
 
+    c = coords(groups)
     if kind == "checkpoint":
         CheckpointManager(Path(folder).parent).load_weights(folder, model, groups, verify=False)
         return
+    if kind == "upcycle":
+        from dataclasses import replace
+
+        from hs_scale.checkpoint.manager import load_full_model_state
+        from hs_scale.models import build_model
+        from hs_scale.models.upcycle import upcycle_state
+
+        dense_like = build_model(cfg.model, replace(cfg.selection, enabled=False), num_tasks)
+        _, dense = load_full_model_state(folder, like=dense_like, verify=False)
+        _, pooled = upcycle_state(cfg.model, cfg.selection, dense, num_tasks)
+        state.load_full(model, pooled, tp_context(c, model))
+        return
     from safetensors.torch import load_file
 
-    from hs_scale.checkpoint import state
-
-    c = coords(groups)
     state.load_full(model, load_file(str(Path(folder) / "model.safetensors")), tp_context(c, model))

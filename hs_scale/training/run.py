@@ -101,10 +101,10 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
     model_parallel = cfg.parallel.model_parallel > 1
     model = build_model(cfg.model, cfg.selection, num_tasks=num_tasks)
     if plan.init and not model_parallel:  # before the engine: DeepSpeed/ZeRO copy the weights into their partitions
-        load_init_weights(*plan.init, model.to(env.device), groups)
+        load_init_weights(*plan.init, model.to(env.device), groups, cfg, num_tasks)
     engine = StepEngine(model.to(env.device), cfg.train, cfg.selection, cfg.parallel, groups, num_tasks, env.device)
     if plan.init and model_parallel:  # into this rank's chunks (the checkpoint's layout may differ)
-        load_init_weights(*plan.init, engine.checkpoint_model, groups)
+        load_init_weights(*plan.init, engine.checkpoint_model, groups, cfg, num_tasks)
     if plan.init and env.is_main:
         print(f"initialised from {plan.init[1]} (step 0, new optimizer)", flush=True)
     seed_everything(cfg.train.seed + 1000 * dp_rank)  # different dropout masks per replica

@@ -153,3 +153,41 @@ def test_init_from_starts_a_new_run_from_weights(six_steps, tmp_path, capsys):
     # Weights of another model are refused, naming the fields.
     assert _cli(tmp_path / "other", "--model.d_model", "64", "--train.init_from", str(six_steps)) == 2
     assert "model.d_model: checkpoint 32, now 64" in _error(capsys)
+
+
+def test_init_from_a_dense_checkpoint_upcycles_it_into_the_selection_pool(tmp_path, capsys):
+    """--train.init_from a shared-attention run into a run that selects heads: each dense head becomes H'/H
+    candidates and, at step 0 in eval mode, every task computes the dense model's function (sparse upcycling)."""
+    from hs_scale.config import load_config
+    from hs_scale.data.synthetic import SyntheticTask
+    from hs_scale.models import build_model
+
+    dense_run, pooled_run = tmp_path / "dense", tmp_path / "pooled"
+    assert _cli(dense_run, "--train.steps", "3", "--selection.enabled", "false") == 0
+    # lr ~0 for the one step: the checkpoint then holds the step-0 (upcycled) weights.
+    assert _cli(pooled_run, "--train.steps", "1", "--train.lr", "1e-12", "--train.init_from", str(dense_run),
+                "--selection.pool_heads", "6", "--selection.strategy", "subset") == 0
+    assert "initialised from" in capsys.readouterr().out
+    _, dense_state = load_full_model_state(dense_run / "checkpoints")
+    _, pooled_state = load_full_model_state(pooled_run / "checkpoints")
+    cfg = load_config(TINY, ["--selection.pool_heads", "6", "--selection.strategy", "subset"])
+    d = cfg.model.d_model // cfg.model.num_heads
+    q_dense = dense_state["encoder.layers.0.self_attn.q_proj.weight"].view(2, 1, d, -1)
+    torch.testing.assert_close(pooled_state["encoder.layers.0.self_attn.q_proj.weight"].view(2, 3, d, -1),
+                               q_dense.expand(2, 3, d, -1), rtol=0, atol=1e-9)
+
+    dense, pooled = (build_model(c.model, c.selection, 4).eval() for c in
+                     (load_config(TINY, ["--selection.enabled", "false"]), cfg))
+    dense.load_state_dict(dense_state, strict=False)
+    pooled.load_state_dict({k: v for k, v in pooled_state.items() if not k.endswith((".draws", ".temperature"))},
+                           strict=False)
+    task = SyntheticTask(cfg.synthetic)
+    with torch.no_grad():
+        for t in range(4):
+            b = task.batch(0, "valid", task=t)
+            args = (b.source_tokens, b.decoder_input, b.src_task, b.tgt_task)
+            torch.testing.assert_close(pooled(*args), dense(*args), atol=1e-5, rtol=0, msg=f"task {t}")
+    # A pool that is not a multiple of the dense heads cannot be upcycled: refused, naming the field.
+    assert _cli(tmp_path / "bad", "--train.init_from", str(dense_run), "--selection.pool_heads", "3",
+                "--selection.strategy", "subset") == 2
+    assert "selection.pool_heads=3 must be a multiple of 2" in _error(capsys)
