@@ -30,6 +30,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW); the paper uses none."""
 
+    selector_lr_scale: float = 1.0
+    """Learning rate of the head selectors' logits phi as a multiple of `lr` (same schedule). Adam moves phi by
+    at most ~lr per step, so at short budgets phi cannot leave its initial range; docs/results.md measures it."""
+
     schedule: str = "inverse_sqrt"
     """Learning-rate schedule after linear warm-up: "inverse_sqrt" (paper), "cosine" or "constant"."""
 
@@ -142,6 +146,7 @@ class TrainConfig:
             raise ValueError("train.warmup_steps, eval_every, save_every and threads must be >= 0")
         for name, low, high, valid in (("lr", 0, math.inf, "> 0"), ("eps", 0, math.inf, "> 0"),
                                        ("weight_decay", 0, math.inf, ">= 0"), ("clip_norm", 0, math.inf, ">= 0"),
+                                       ("selector_lr_scale", 0, math.inf, "> 0"),
                                        ("min_lr_ratio", 0, 1, "in [0, 1]"), ("peak_tflops", 0, math.inf, ">= 0")):
             value = getattr(self, name)
             ok = math.isfinite(value) and low <= value <= high and not (valid == "> 0" and value == 0)

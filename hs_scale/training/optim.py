@@ -26,15 +26,23 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 def build_optimizer(model: torch.nn.Module | list[torch.nn.Module], cfg: TrainConfig):
     """(AdamW, LambdaLR) over every trainable parameter of `model` (or of each of this rank's model chunks), in
     two groups: weight decay cfg.weight_decay, and none for biases and norms (ndim < 2) and the head selectors'
-    logits phi (a prior over heads, not a weight; found by type, wherever a model keeps its selectors). The one
-    optimizer of every layout."""
-    decay, no_decay = [], []
+    logits phi (a prior over heads, not a weight; found by type, wherever a model keeps its selectors). With
+    cfg.selector_lr_scale != 1 phi gets a third group at that multiple of the lr (no decay; the default keeps
+    two groups, so older optimizer states still load). The one optimizer of every layout."""
+    own_group = cfg.selector_lr_scale != 1.0
+    decay, no_decay, selectors = [], [], []
     for module in model if isinstance(model, list) else [model]:
         selector_params = {id(p) for m in module.modules() if isinstance(m, HeadSelector) for p in m.parameters()}
         for param in module.parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or id(param) in selector_params else decay).append(param)
+            if not param.requires_grad:
+                continue
+            if id(param) in selector_params:
+                (selectors if own_group else no_decay).append(param)
+            else:
+                (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if selectors:
+        groups.append({"params": selectors, "weight_decay": 0.0, "lr": cfg.lr * cfg.selector_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     return optimizer, build_scheduler(optimizer, cfg)
 
