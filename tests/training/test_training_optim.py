@@ -32,6 +32,7 @@ def test_selector_logits_get_no_decay_and_by_default_no_group_of_their_own():
     assert all(p.ndim >= 2 for p in decay["params"])
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # stepping the schedule only
 def test_selector_lr_scale_moves_phi_that_many_times_faster():
     """Adam's first step moves every parameter by lr * factor (m / sqrt(v) = +-1): phi by scale times that."""
     cfg, model, optimizer, scheduler = _model_and_optimizer("--train.selector_lr_scale", "10",
