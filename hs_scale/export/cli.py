@@ -1,4 +1,5 @@
-"""``hs-scale export-hf`` and ``hs-scale import-hf`` (the lead wires ``main_export`` / ``main_import`` into hs-scale).
+"""``hs-scale export-hf``: a checkpoint as a transformers model directory; ``hs-scale import-hf``: a transformers model
+as a head-selection starting point (docs/export.md).
 
     hs-scale export-hf --checkpoint CKPT --task de --out out/de [--tokenizer data/asr8]
     hs-scale export-hf --checkpoint CKPT --all-tasks --out out/all
@@ -7,6 +8,8 @@
 Both write into a temporary sibling of --out and rename it into place at the end, so --out never holds a mix of
 an old and a new model: a non-empty --out is refused unless --overwrite (which then replaces it whole).
 export-hf verifies the checkpoint first (COMPLETE marker + sha256, like training's resume); --no-verify skips it.
+A speech run with global CMVN (data.cmvn: global) is exported with the corpus's stats folded into the first
+convolution, so the processor takes raw audio and generate() reproduces `hs-scale evaluate`.
 import-hf's output (config.yaml, model.safetensors, COMPLETE) is a start for `hs-scale train --config
 OUT/config.yaml --data.manifest CORPUS --train.init_from OUT`.
 """
@@ -101,6 +104,16 @@ def task_names_of(config_dict: dict, override: str | None) -> list[str]:
     raise ExportError("cannot tell the run's task names; pass --task-names a,b,... in task-id order")
 
 
+def _cmvn_stats_path(config_dict: dict, checkpoint: str) -> str | None:
+    """The run's corpus's cmvn.json (relative corpus paths read from the training folder, as evaluate does)."""
+    from hs_scale.data import urls
+    from hs_scale.data.config import DataConfig
+    from hs_scale.evaluation.cli import rebase_data_paths
+
+    data = rebase_data_paths(config_dict, Path(checkpoint)).get("data") or {}
+    return urls.join(DataConfig(**data).corpus_dir, "cmvn.json") if data.get("manifest") else None
+
+
 def _tokenizer_path(config_dict: dict, given: str | None) -> str | None:
     if given:
         return given
@@ -128,6 +141,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-start-token-id", type=int, help="first decoder token (default: from the run)")
     p.add_argument("--partitions", type=int, help="TP size the run selected with (default: parallel.tensor_parallel)")
     p.add_argument("--beam", type=int, default=5, help="num_beams written to generation_config.json")
+    p.add_argument("--cmvn-stats", help="cmvn.json to fold in (data.cmvn global; default: the run's corpus's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     p.add_argument("--no-verify", action="store_true",
                    help="load the checkpoint even if it fails its checksum (at your own risk)")
@@ -154,8 +168,8 @@ def main_export(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(tok_path) if tok_path else None
         data = config_dict.get("data") or {}
         partitions = args.partitions or int((config_dict.get("parallel") or {}).get("tensor_parallel", 1))
-        common = dict(partitions=partitions, search=SearchConfig(beam=args.beam), cmvn=data.get("cmvn", "utterance"),
-                      cmvn_stats=os.path.join(os.path.dirname(tok_path), "cmvn.json") if tok_path else None)
+        common = dict(partitions=partitions, search=SearchConfig(beam=args.beam), cmvn=data.get("cmvn", "global"),
+                      cmvn_stats=args.cmvn_stats or _cmvn_stats_path(config_dict, args.checkpoint))
         model_cfg, sel_cfg = config_dict["model"], config_dict.get("selection")
 
         def start_of(dec_task: str) -> int:
