@@ -161,3 +161,19 @@ def test_hf_logits_equal_ours_on_evaluates_padded_batches(run):
             worst = max(worst, float((hf_LV - ours_BLV[i, :L]).abs().max()))
     # Features: HF's numpy filterbank vs ours in torch (1e-3 apart, test_export_files); everything else is exact.
     assert worst < 2e-3, worst
+
+
+def test_loader_hands_raw_filterbanks_and_the_model_holds_the_corpus_stats(run):
+    """Where the global CMVN happens: not in the loader (raw fbank of the FLAC), in the evaluated model (cmvn.json)."""
+    from hs_scale.data.features import fbank
+    from hs_scale.data.loader import build_loader
+    from hs_scale.data.tokenizer import load_tokenizer
+    from hs_scale.evaluation.cli import load_model, resolve_checkpoints
+
+    cfg, model, _ = load_model(resolve_checkpoints([str(run["ckpt"])], None, 1))
+    stats = json.loads((run["corpus"] / "cmvn.json").read_text())
+    assert torch.equal(model.encoder.conv.cmvn_mean_F, torch.tensor(stats["mean"], dtype=torch.float32))
+    assert torch.equal(model.encoder.conv.cmvn_std_F, torch.tensor(stats["std"], dtype=torch.float32))
+    b = next(iter(build_loader(cfg.data, "test", 0, 1, load_tokenizer(str(run["corpus"])), train=False)))
+    for i, key in enumerate(b.keys):
+        np.testing.assert_array_equal(b.features[i, : int(b.feature_lengths[i])].numpy(), fbank(run["audio"][key]))
