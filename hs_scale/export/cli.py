@@ -1,5 +1,5 @@
-"""``hs-scale export-hf``: a checkpoint as a transformers model directory; ``hs-scale import-hf``: a transformers model
-as a head-selection starting point (docs/export.md).
+"""hs-scale export-hf writes a checkpoint as a transformers model directory; hs-scale import-hf turns a dense
+transformers model into a head-selection model to train from (docs/export.md).
 
     hs-scale export-hf --checkpoint CKPT --task de --out out/de [--tokenizer data/asr8]
     hs-scale export-hf --checkpoint CKPT --all-tasks --out out/all
@@ -11,7 +11,8 @@ export-hf verifies the checkpoint first (COMPLETE marker + sha256, like training
 A speech run with global CMVN (data.cmvn: global) is exported with the corpus's stats folded into the first
 convolution, so the processor takes raw audio and generate() reproduces `hs-scale evaluate`.
 import-hf's output (config.yaml, model.safetensors, COMPLETE) is a start for `hs-scale train --config
-OUT/config.yaml --data.manifest CORPUS --train.init_from OUT`.
+OUT/config.yaml --data.manifest CORPUS --train.init_from OUT`; a speech model's data.cmvn follows its feature
+extractor (utterance CMVN on: utterance; off, as in our global-CMVN exports whose stats are in the weights: none).
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def main_import(argv: list[str] | None = None) -> int:
             raise ExportError("--tasks is empty: give the task names in task-id order, e.g. --tasks de,fr,es")
         model_cfg, selection, model = import_dense(args.model, args.pool_size, tasks, selection,
                                                    args.perturb_std, args.seed)
-        sections = import_config(model_cfg, selection, tasks)
+        sections = import_config(model_cfg, selection, tasks, hf_cmvn(args.model))
         with staged_output(args.out, args.overwrite) as out:
             state = {k: v.contiguous() for k, v in model.state_dict().items()}
             save_file(state, os.path.join(out, "model.safetensors"))
@@ -257,18 +258,30 @@ def main_import(argv: list[str] | None = None) -> int:
     return 0
 
 
-def import_config(model_cfg, selection, tasks: list[str]) -> dict:
+def hf_cmvn(model_dir: str) -> str:
+    """The data.cmvn a speech HF model expects: its feature extractor's per-utterance CMVN ("utterance", also
+    transformers' default when there is no preprocessor_config.json) or none ("none": raw features, e.g. our
+    global-CMVN exports, whose stats are folded into the weights; training them with "global" would normalise
+    twice)."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    if not path.exists():
+        return "utterance"
+    return "utterance" if json.loads(path.read_text()).get("do_ceptral_normalize", True) else "none"
+
+
+def import_config(model_cfg, selection, tasks: list[str], cmvn: str = "utterance") -> dict:
     """config.yaml of an import-hf output: a run config `show-config` accepts (the corpus to train on is added
-    with --data.manifest); the task names go to data.tasks, which fixes the task ids."""
+    with --data.manifest); the task names go to data.tasks, which fixes the task ids; speech: data.cmvn (hf_cmvn)."""
     import dataclasses
 
     from hs_scale.config import config_from_dict
 
+    speech = model_cfg.arch == "s2t"
     sections = {
         "model": dataclasses.asdict(model_cfg),
         "selection": dataclasses.asdict(selection),
-        "data": {"tasks": list(tasks), "task_key": selection.task_key,
-                 "modality": "speech" if model_cfg.arch == "s2t" else "text"},
+        "data": {"tasks": list(tasks), "task_key": selection.task_key, "modality": "speech" if speech else "text",
+                 **({"cmvn": cmvn} if speech else {})},
     }
     config_from_dict(sections)  # what we write must load: refuse here rather than at train time
     return sections

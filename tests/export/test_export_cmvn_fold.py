@@ -114,3 +114,27 @@ def test_spec_augment_masks_raw_features_with_the_mean():
     masked = y != -50.0
     assert masked.any()
     np.testing.assert_array_equal(y[masked], np.broadcast_to(mean_F, y.shape)[masked])  # 0 once normalised
+
+
+def test_import_keeps_the_exports_normalisation(tmp_path):
+    """A global-CMVN export holds its stats in the weights: import-hf's config trains it on raw features (cmvn none),
+    not normalised twice; an utterance-CMVN export stays utterance."""
+    import yaml
+
+    from hs_scale.export.cli import main_import
+
+    model = _model(cmvn=True)
+    export_task_from_model(model, ["de", "fr"], "fr", str(tmp_path / "global"))
+    export_task_from_model(model, ["de", "fr"], "fr", str(tmp_path / "utt"), cmvn="utterance")
+    for name, want in (("global", "none"), ("utt", "utterance")):
+        assert main_import(["--model", str(tmp_path / name), "--pool-size", "8", "--tasks", "de,fr",
+                            "--out", str(tmp_path / f"up_{name}")]) == 0
+        assert yaml.safe_load((tmp_path / f"up_{name}" / "config.yaml").read_text())["data"]["cmvn"] == want
+
+
+def test_cli_help_is_user_facing():
+    from hs_scale.export.cli import export_parser, import_parser
+
+    for parser in (export_parser(), import_parser()):
+        text = parser.format_help()
+        assert "hs-scale export-hf writes a checkpoint" in text and "the lead" not in text and "wires" not in text
