@@ -29,7 +29,7 @@ class Batch:
     num_target_tokens: int
     """Sum of target_lengths (for per-token loss normalisation)."""
     features: torch.Tensor | None = None
-    """Speech: float32 [B, T, 80] normalized log-mel filterbanks, zero-padded."""
+    """Speech: float32 [B, T, 80] log-mel filterbanks, zero-padded (raw for data.cmvn global: the model normalises)."""
     feature_lengths: torch.Tensor | None = None
     """Speech: long [B] valid frames per sample."""
     source_tokens: torch.Tensor | None = None

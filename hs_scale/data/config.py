@@ -72,7 +72,8 @@ class DataConfig:
     precomputed_features: bool = False
     """Speech: read the shards' fp16 filterbanks (<key>.fbank.npy) instead of decoding FLAC."""
     cmvn: str = "global"
-    """"global" (the builder's cmvn.json), "utterance" or "none"."""
+    """"global" (the builder's cmvn.json, applied by the model's first convolution so that exports fold it in),
+    "utterance" (per utterance, in the loader) or "none"."""
     spec_augment: bool = True
     """SpecAugment masks on training batches (never when train=False)."""
     freq_masks: int = 2

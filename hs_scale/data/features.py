@@ -97,7 +97,9 @@ def fbank(wav: np.ndarray) -> np.ndarray:
 class CMVN:
     """Mean/variance normalization. Global stats (from the builder's `cmvn.json`) or per utterance.
 
-    mode: "global" (needs stats), "utterance", or "none".
+    mode: "global" (needs stats), "utterance", or "none". The loader applies "utterance" itself; "global" is applied
+    by the model (folded into its first convolution, hs_scale.models.s2t.Conv1dSubsampler, see `use_global_cmvn`),
+    so the loader only uses these stats to fill SpecAugment masks.
     """
 
     def __init__(self, mode: str = "global", mean: np.ndarray | None = None, std: np.ndarray | None = None):
@@ -105,6 +107,7 @@ class CMVN:
             raise ValueError("CMVN mode 'global' needs stats: build the corpus (writes cmvn.json) or use 'utterance'")
         self.mode = mode
         self.mean = None if mean is None else np.asarray(mean, np.float32)
+        self.std = None if std is None else np.asarray(std, np.float32)
         self.inv_std = None if std is None else (1.0 / np.maximum(np.asarray(std, np.float32), 1e-5))
 
     @classmethod
@@ -131,6 +134,24 @@ class CMVN:
         return (x - self.mean) * self.inv_std
 
 
+def use_global_cmvn(model, data_cfg) -> bool:
+    """Give a speech model its corpus's global CMVN stats when ``data_cfg.cmvn`` is "global"; True if it did.
+
+    With global CMVN the loader yields raw filterbanks and the model normalises them in its first convolution
+    (hs_scale.models.s2t.Conv1dSubsampler says why), so every s2t model that reads the corpus (training,
+    ``hs-scale evaluate``) needs this call after it is built. The stats are the corpus's cmvn.json (read again
+    here, as the loader reads them). data_cfg: a DataConfig, or None (synthetic runs).
+    """
+    if data_cfg is None or data_cfg.modality != "speech" or data_cfg.cmvn != "global":
+        return False
+    conv = getattr(getattr(model, "encoder", None), "conv", None)
+    if conv is None or not hasattr(conv, "set_global_cmvn"):
+        raise ValueError(f"data.cmvn=global needs a speech model (model.arch=s2t), got {type(model).__name__}")
+    stats = CMVN.from_corpus(data_cfg.corpus_dir, "global")
+    conv.set_global_cmvn(stats.mean, stats.std)
+    return True
+
+
 class CMVNAccumulator:
     """Running sums for global CMVN stats (the builder feeds every train utterance)."""
 
@@ -155,21 +176,23 @@ class CMVNAccumulator:
 
 def spec_augment(
     x: np.ndarray, rng: np.random.Generator, freq_masks: int = 2, freq_width: int = 27, time_masks: int = 2,
-    time_width: int = 40, max_time_ratio: float = 0.2,
+    time_width: int = 40, max_time_ratio: float = 0.2, fill: np.ndarray | float = 0.0,
 ) -> np.ndarray:
-    """SpecAugment (Park et al. 2019, LD-style masks without time warp) on normalized features [T, 80].
+    """SpecAugment (Park et al. 2019, LD-style masks without time warp) on features [T, 80].
 
-    Masks are set to 0 (= the mean after CMVN). Drawn from `rng`, so a resumed run masks identically.
+    Masks are set to the normalised mean: 0 for features normalised already, the global mean ``fill`` [80] for raw
+    features the model normalises (global CMVN). Drawn from `rng`, so a resumed run masks identically.
     """
+    fill_F = np.broadcast_to(np.asarray(fill, np.float32), (x.shape[1],))
     x = x.copy()
     t, f = x.shape
     for _ in range(freq_masks):
         w = int(rng.integers(0, freq_width + 1))
         f0 = int(rng.integers(0, max(1, f - w)))
-        x[:, f0 : f0 + w] = 0.0
+        x[:, f0 : f0 + w] = fill_F[f0 : f0 + w]
     tw = min(time_width, int(max_time_ratio * t))
     for _ in range(time_masks):
         w = int(rng.integers(0, tw + 1))
         t0 = int(rng.integers(0, max(1, t - w)))
-        x[t0 : t0 + w, :] = 0.0
+        x[t0 : t0 + w, :] = fill_F
     return x

@@ -212,11 +212,15 @@ class _Dataset(torch.utils.data.IterableDataset):
             raise SampleError("too_long", key, shard, f"{len(x)} frames > {cfg.max_source_frames}")
         if not np.isfinite(x).all():
             raise SampleError("nan_features", key, shard, "features contain NaN/inf")
-        x = self.cmvn(x) if self.cmvn is not None else x
+        # Global CMVN is the model's (folded into its first convolution, so that padding is raw zeros as in an HF
+        # export; hs_scale.models.s2t.Conv1dSubsampler): raw features here, masks filled with the raw mean.
+        in_model = self.cmvn is not None and self.cmvn.mode == "global"
+        x = self.cmvn(x) if self.cmvn is not None and not in_model else x
         if self.train and cfg.spec_augment:
             # Seeded by (seed, rank, reader, planned batch, position): a resumed run masks identically.
             rng = np.random.default_rng([cfg.seed, 17, self.dp_rank, reader, k, pos])
-            x = F.spec_augment(x, rng, cfg.freq_masks, cfg.freq_mask_width, cfg.time_masks, cfg.time_mask_width)
+            x = F.spec_augment(x, rng, cfg.freq_masks, cfg.freq_mask_width, cfg.time_masks, cfg.time_mask_width,
+                               fill=self.cmvn.mean if in_model else 0.0)
         s["feats"] = x
         return s
 

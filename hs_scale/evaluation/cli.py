@@ -164,6 +164,7 @@ def load_model(paths: list[Path], load_fn: LoadFn | None = None, device: str | t
     replace data fields; relative data paths are rebased (`rebase_data_paths`).
     """
     from hs_scale.config import config_from_dict
+    from hs_scale.data.features import use_global_cmvn
     from hs_scale.models import build_model
 
     if load_fn is None:
@@ -179,6 +180,7 @@ def load_model(paths: list[Path], load_fn: LoadFn | None = None, device: str | t
     cfg = config_from_dict(config_dict)
     task_names = task_names_of(cfg)
     model = build_model(cfg.model, cfg.selection, num_tasks=len(task_names))
+    use_global_cmvn(model, cfg.data)  # data.cmvn=global is applied inside the model (hs_scale.data.features)
     states = []
     for path in paths:
         other, state = load_fn(path, like=model)

@@ -4,8 +4,9 @@ Legend: B batch (source rows), k beams, L generated length, S source length, D m
 
 Conventions (fairseq's ``SequenceGenerator``, which produced the paper's numbers):
 - decoding starts from ``batch.decoder_input[:, 0]`` (a target-language tag or </s>), one start token per row;
-- a row may emit at most ``max_len_a * src_len + max_len_b`` tokens before </s> is forced, where src_len is the
-  row's non-pad source tokens (text) or feature frames (speech), per row rather than per batch;
+- a row may emit at most ``max_len_a * src_len + max_len_b`` tokens before </s> is forced (scored 0, as HF's
+  ``forced_eos_token_id``), where src_len is the row's non-pad source tokens (text) or feature frames (speech),
+  per row rather than per batch;
 - </s> closes a hypothesis; <pad> is never generated;
 - score = sum of log-probs (</s> included) / (tokens + 1) ** length_penalty, the +1 counting </s>;
 - beam search keeps the k best closed hypotheses of a row and stops the row once no open beam beats the worst of
@@ -97,9 +98,10 @@ def _next_logprobs(model, step_in_Bk: Tensor, rows: _Rows, cache, eos_only_Bk: T
     logp = torch.log_softmax(logits.float(), dim=-1)
     logp[:, pad] = -torch.inf
     if bool(eos_only_Bk.any()):
-        eos_col = logp[:, eos].clone()
+        # Forced </s> scores 0, as HF's forced_eos_token_id does: an exported model's beam search then ranks
+        # length-capped hypotheses exactly as this one (fairseq would keep the model's </s> log-prob).
         logp[eos_only_Bk] = -torch.inf
-        logp[:, eos] = eos_col
+        logp[eos_only_Bk, eos] = 0.0
     return logp
 
 

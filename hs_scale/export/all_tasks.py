@@ -17,6 +17,7 @@ import os
 
 from torch import Tensor
 
+from hs_scale.export.cmvn_fold import fold_global_cmvn, model_cmvn
 from hs_scale.export.hf_files import generation_config, write_support_files
 from hs_scale.export.materialize import (
     ExportError,
@@ -64,7 +65,7 @@ def export_all_tasks(
     partitions: int = 1,
     search=None,
     cmvn: str = "utterance",
-    cmvn_stats: str | None = None,
+    cmvn_stats: str | tuple | None = None,
 ) -> dict:
     """Write the all-tasks remote-code directory. ``task_decoder_start``: {task name: first decoder token}
     (missing tasks start from model.decoder_start_token_id). Other arguments as in ``export_task``."""
@@ -82,7 +83,8 @@ def export_all_tasks(
         task_decoder_start=starts,
     )
     model = model_cls(config)
-    model.load_state_dict(pooled_hf_state_dict(model_cfg, trim_vocab(model_cfg, state_dict)), strict=True)
+    state = fold_global_cmvn(model_cfg, trim_vocab(model_cfg, state_dict), cmvn, cmvn_stats)
+    model.load_state_dict(pooled_hf_state_dict(model_cfg, state), strict=True)
     model.eval()
     # Per-task start tokens are applied by generate(task=...); the default is the first task's.
     model.generation_config = generation_config(model_cfg, starts[task_names[0]], search)
@@ -90,7 +92,7 @@ def export_all_tasks(
     model_cls.register_for_auto_class(AUTO_CLASS[model_cfg.arch])
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
-    notes = write_support_files(out_dir, model_cfg, tokenizer_dir, cmvn, cmvn_stats)
+    notes = write_support_files(out_dir, model_cfg, tokenizer_dir, cmvn)
     summary = {"tasks": task_names, "auto_class": AUTO_CLASS[model_cfg.arch], "task_decoder_start": starts,
                "pool_heads": config.pool_heads, "notes": notes}
     with open(os.path.join(out_dir, "hs_scale_export.json"), "w") as fh:
@@ -100,6 +102,8 @@ def export_all_tasks(
 
 def export_all_tasks_from_model(model, task_names: list[str], out_dir: str, tokenizer_dir: str | None = None,
                                 **kw) -> dict:
-    """``export_all_tasks`` for a model in memory (an ``hs_scale.models`` Seq2SeqModel)."""
+    """``export_all_tasks`` for a model in memory (an ``hs_scale.models`` Seq2SeqModel); its own global CMVN stats
+    are folded in unless ``cmvn`` is given."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    kw = {**model_cmvn(model), **kw}
     return export_all_tasks(model.config, model.selection_config, state, task_names, out_dir, tokenizer_dir, **kw)

@@ -1,4 +1,5 @@
-"""``hs-scale export-hf`` and ``hs-scale import-hf`` (the lead wires ``main_export`` / ``main_import`` into hs-scale).
+"""hs-scale export-hf writes a checkpoint as a transformers model directory; hs-scale import-hf turns a dense
+transformers model into a head-selection model to train from (docs/export.md).
 
     hs-scale export-hf --checkpoint CKPT --task de --out out/de [--tokenizer data/asr8]
     hs-scale export-hf --checkpoint CKPT --all-tasks --out out/all
@@ -7,8 +8,11 @@
 Both write into a temporary sibling of --out and rename it into place at the end, so --out never holds a mix of
 an old and a new model: a non-empty --out is refused unless --overwrite (which then replaces it whole).
 export-hf verifies the checkpoint first (COMPLETE marker + sha256, like training's resume); --no-verify skips it.
+A speech run with global CMVN (data.cmvn: global) is exported with the corpus's stats folded into the first
+convolution, so the processor takes raw audio and generate() reproduces `hs-scale evaluate`.
 import-hf's output (config.yaml, model.safetensors, COMPLETE) is a start for `hs-scale train --config
-OUT/config.yaml --data.manifest CORPUS --train.init_from OUT`.
+OUT/config.yaml --data.manifest CORPUS --train.init_from OUT`; a speech model's data.cmvn follows its feature
+extractor (utterance CMVN on: utterance; off, as in our global-CMVN exports whose stats are in the weights: none).
 """
 
 from __future__ import annotations
@@ -101,6 +105,16 @@ def task_names_of(config_dict: dict, override: str | None) -> list[str]:
     raise ExportError("cannot tell the run's task names; pass --task-names a,b,... in task-id order")
 
 
+def _cmvn_stats_path(config_dict: dict, checkpoint: str) -> str | None:
+    """The run's corpus's cmvn.json (relative corpus paths read from the training folder, as evaluate does)."""
+    from hs_scale.data import urls
+    from hs_scale.data.config import DataConfig
+    from hs_scale.evaluation.cli import rebase_data_paths
+
+    data = rebase_data_paths(config_dict, Path(checkpoint)).get("data") or {}
+    return urls.join(DataConfig(**data).corpus_dir, "cmvn.json") if data.get("manifest") else None
+
+
 def _tokenizer_path(config_dict: dict, given: str | None) -> str | None:
     if given:
         return given
@@ -128,6 +142,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-start-token-id", type=int, help="first decoder token (default: from the run)")
     p.add_argument("--partitions", type=int, help="TP size the run selected with (default: parallel.tensor_parallel)")
     p.add_argument("--beam", type=int, default=5, help="num_beams written to generation_config.json")
+    p.add_argument("--cmvn-stats", help="cmvn.json to fold in (data.cmvn global; default: the run's corpus's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     p.add_argument("--no-verify", action="store_true",
                    help="load the checkpoint even if it fails its checksum (at your own risk)")
@@ -154,8 +169,8 @@ def main_export(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(tok_path) if tok_path else None
         data = config_dict.get("data") or {}
         partitions = args.partitions or int((config_dict.get("parallel") or {}).get("tensor_parallel", 1))
-        common = dict(partitions=partitions, search=SearchConfig(beam=args.beam), cmvn=data.get("cmvn", "utterance"),
-                      cmvn_stats=os.path.join(os.path.dirname(tok_path), "cmvn.json") if tok_path else None)
+        common = dict(partitions=partitions, search=SearchConfig(beam=args.beam), cmvn=data.get("cmvn", "global"),
+                      cmvn_stats=args.cmvn_stats or _cmvn_stats_path(config_dict, args.checkpoint))
         model_cfg, sel_cfg = config_dict["model"], config_dict.get("selection")
 
         def start_of(dec_task: str) -> int:
@@ -229,7 +244,7 @@ def main_import(argv: list[str] | None = None) -> int:
             raise ExportError("--tasks is empty: give the task names in task-id order, e.g. --tasks de,fr,es")
         model_cfg, selection, model = import_dense(args.model, args.pool_size, tasks, selection,
                                                    args.perturb_std, args.seed)
-        sections = import_config(model_cfg, selection, tasks)
+        sections = import_config(model_cfg, selection, tasks, hf_cmvn(args.model))
         with staged_output(args.out, args.overwrite) as out:
             state = {k: v.contiguous() for k, v in model.state_dict().items()}
             save_file(state, os.path.join(out, "model.safetensors"))
@@ -243,18 +258,30 @@ def main_import(argv: list[str] | None = None) -> int:
     return 0
 
 
-def import_config(model_cfg, selection, tasks: list[str]) -> dict:
+def hf_cmvn(model_dir: str) -> str:
+    """The data.cmvn a speech HF model expects: its feature extractor's per-utterance CMVN ("utterance", also
+    transformers' default when there is no preprocessor_config.json) or none ("none": raw features, e.g. our
+    global-CMVN exports, whose stats are folded into the weights; training them with "global" would normalise
+    twice)."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    if not path.exists():
+        return "utterance"
+    return "utterance" if json.loads(path.read_text()).get("do_ceptral_normalize", True) else "none"
+
+
+def import_config(model_cfg, selection, tasks: list[str], cmvn: str = "utterance") -> dict:
     """config.yaml of an import-hf output: a run config `show-config` accepts (the corpus to train on is added
-    with --data.manifest); the task names go to data.tasks, which fixes the task ids."""
+    with --data.manifest); the task names go to data.tasks, which fixes the task ids; speech: data.cmvn (hf_cmvn)."""
     import dataclasses
 
     from hs_scale.config import config_from_dict
 
+    speech = model_cfg.arch == "s2t"
     sections = {
         "model": dataclasses.asdict(model_cfg),
         "selection": dataclasses.asdict(selection),
-        "data": {"tasks": list(tasks), "task_key": selection.task_key,
-                 "modality": "speech" if model_cfg.arch == "s2t" else "text"},
+        "data": {"tasks": list(tasks), "task_key": selection.task_key, "modality": "speech" if speech else "text",
+                 **({"cmvn": cmvn} if speech else {})},
     }
     config_from_dict(sections)  # what we write must load: refuse here rather than at train time
     return sections

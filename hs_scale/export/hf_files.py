@@ -9,16 +9,16 @@ source format hs_scale uses (``encode(text) + [eos]``), so it is written for bot
 models never saw. Tags are registered as additional special tokens, so ``skip_special_tokens`` drops them.
 
 Feature extractor (speech). ``Speech2TextFeatureExtractor`` computes the same 80-dim Kaldi filterbanks as
-``hs_scale.data.features.fbank`` (25 ms / 10 ms, povey window, pre-emphasis 0.97, dither 0, int16 scale). It only
-knows per-utterance CMVN: a run with ``data.cmvn: utterance`` is represented exactly; ``global`` CMVN is not, so
-the extractor is written with normalisation off and the stats are copied as ``cmvn.json`` (apply
-``(x - mean) / std`` yourself), and ``none`` writes normalisation off.
+``hs_scale.data.features.fbank`` (25 ms / 10 ms, povey window, pre-emphasis 0.97, dither 0, int16 scale) and pads
+with zeros. ``data.cmvn: utterance`` is its own per-utterance CMVN (normalise, then zero the padding, as our loader
+and collate do). ``global`` is folded into the model's first convolution (``cmvn_fold``), so the extractor hands
+over raw features, zero-padded exactly as our collate pads them; ``none`` is normalisation off too.
 
 Generation config. hs_scale decodes from the target task's start token (``<tgt_lang>`` tag, or BOS / </s>) and
 never generates <pad>; ``decoder_start_token_id`` and ``suppress_tokens=[pad]`` make plain ``generate()`` do the
 same. Beam settings follow ``hs_scale.evaluation.search``: score = sum of log-probs / (tokens + </s>) ** length_penalty
 (HF's normalisation), k best closed hypotheses kept, a row stops when no open beam can beat them by HF's
-``early_stopping=False`` estimate.
+``early_stopping=False`` estimate; after ``max_len_b`` tokens </s> is forced with score 0 (HF's forced_eos_token_id).
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def write_tokenizer(out_dir: str, tokenizer_path: str, model_cfg: ModelConfig):
     return hf_tok
 
 
-def write_feature_extractor(out_dir: str, model_cfg: ModelConfig, cmvn: str = "utterance",
-                            cmvn_stats: str | None = None):
-    """preprocessor_config.json for ``Speech2TextFeatureExtractor`` matching hs_scale's filterbanks and CMVN."""
+def write_feature_extractor(out_dir: str, model_cfg: ModelConfig, cmvn: str = "utterance"):
+    """preprocessor_config.json for ``Speech2TextFeatureExtractor`` matching hs_scale's filterbanks and CMVN
+    (global CMVN lives in the exported weights: normalisation off)."""
     from transformers import Speech2TextFeatureExtractor
 
     if cmvn not in ("utterance", "global", "none"):
@@ -100,8 +100,6 @@ def write_feature_extractor(out_dir: str, model_cfg: ModelConfig, cmvn: str = "u
         normalize_vars=True,
     )
     extractor.save_pretrained(out_dir)
-    if cmvn == "global" and cmvn_stats and os.path.exists(cmvn_stats):
-        shutil.copyfile(cmvn_stats, os.path.join(out_dir, "cmvn.json"))
     return extractor
 
 
@@ -130,23 +128,23 @@ def generation_config(model_cfg: ModelConfig, decoder_start_token_id: int, searc
         # search.py keeps the k best closed hypotheses and stops a row once its best open beam, scored as if it
         # closed now, cannot beat the worst of them: HF's early_stopping=False criterion.
         early_stopping=False,
-        # hs_scale forces </s> after max_len_b tokens; HF stops there (same tokens unless a row hits the limit).
+        # hs_scale forces </s> (scored 0) after max_len_b tokens: HF's ForcedEOSTokenLogitsProcessor at the last of
+        # max_len_b + 1 new tokens does exactly that.
         max_new_tokens=max_len_b + 1,
+        forced_eos_token_id=model_cfg.eos_token_id,
     )
 
 
-def write_support_files(out_dir: str, model_cfg: ModelConfig, tokenizer_dir: str | None, cmvn: str,
-                        cmvn_stats: str | None) -> list[str]:
+def write_support_files(out_dir: str, model_cfg: ModelConfig, tokenizer_dir: str | None, cmvn: str) -> list[str]:
     """Tokenizer (when given) and, for speech, feature extractor / processor. Returns notes for the caller."""
     notes = []
     tokenizer = write_tokenizer(out_dir, tokenizer_dir, model_cfg) if tokenizer_dir else None
     if tokenizer is None:
         notes.append("no tokenizer given: the directory has model and generation files only")
     if model_cfg.arch == "s2t":
-        extractor = write_feature_extractor(out_dir, model_cfg, cmvn, cmvn_stats)
+        extractor = write_feature_extractor(out_dir, model_cfg, cmvn)
         if tokenizer is not None:
             write_processor(out_dir, extractor, tokenizer)
         if cmvn == "global":
-            notes.append("global CMVN is not representable in Speech2TextFeatureExtractor: normalisation is off, "
-                         "apply cmvn.json's (x - mean) / std to the features")
+            notes.append("global CMVN is folded into the first convolution: feed raw audio to the processor")
     return notes

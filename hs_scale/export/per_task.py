@@ -16,6 +16,7 @@ import os
 import torch
 from torch import Tensor
 
+from hs_scale.export.cmvn_fold import fold_global_cmvn, model_cmvn
 from hs_scale.export.hf_files import generation_config, write_support_files
 from hs_scale.export.materialize import (
     ExportError,
@@ -83,7 +84,7 @@ def export_task(
     partitions: int = 1,
     search=None,
     cmvn: str = "utterance",
-    cmvn_stats: str | None = None,
+    cmvn_stats: str | tuple | None = None,
 ) -> dict:
     """Write the dense model of ``task`` ("de", or "de->en": encoder task -> decoder task) to ``out_dir``.
 
@@ -91,7 +92,8 @@ def export_task(
         model.decoder_start_token_id. Written to config.json and generation_config.json.
     partitions: the tensor-parallel size the run selected with (matters for selection.strategy=subset only).
     search: a ``hs_scale.evaluation.search.SearchConfig`` whose beam / length settings generate() should use.
-    cmvn / cmvn_stats: the run's data.cmvn and its cmvn.json (speech; see ``hf_files``).
+    cmvn / cmvn_stats: the run's data.cmvn and its corpus's cmvn.json or (mean, std) (speech): "global" stats are
+        folded into the first convolution (``cmvn_fold``), "utterance" is written into the feature extractor.
     Returns a summary (also written as hs_scale_export.json): task, heads per type and layer, notes.
     """
     model_cfg = as_model_config(model_cfg)
@@ -99,6 +101,7 @@ def export_task(
     task_names = list(task_names)
     enc_id, dec_id = parse_task(task, task_names)
     dense = dense_task_state(model_cfg, selection_cfg, state_dict, task_names, task, partitions)
+    dense = fold_global_cmvn(model_cfg, dense, cmvn, cmvn_stats)
     start = model_cfg.decoder_start_token_id if decoder_start_token_id is None else int(decoder_start_token_id)
     if not 0 <= start < model_cfg.vocab_size:
         raise ExportError(f"decoder start token {start} is outside the vocabulary [0, {model_cfg.vocab_size})")
@@ -108,7 +111,7 @@ def export_task(
     hf.generation_config = generation_config(model_cfg, start, search)
     os.makedirs(out_dir, exist_ok=True)
     hf.save_pretrained(out_dir)
-    notes = write_support_files(out_dir, model_cfg, tokenizer_dir, cmvn, cmvn_stats)
+    notes = write_support_files(out_dir, model_cfg, tokenizer_dir, cmvn)
 
     tables = selection_tables(model_cfg, selection_cfg, state_dict, len(task_names), partitions)
     summary = {
@@ -129,6 +132,8 @@ def export_task(
 @torch.no_grad()
 def export_task_from_model(model, task_names: list[str], task, out_dir: str, tokenizer_dir: str | None = None,
                            **kw) -> dict:
-    """``export_task`` for a model in memory (an ``hs_scale.models`` Seq2SeqModel)."""
+    """``export_task`` for a model in memory (an ``hs_scale.models`` Seq2SeqModel); a speech model's own global
+    CMVN stats (``use_global_cmvn``) are folded in unless ``cmvn`` is given."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    kw = {**model_cmvn(model), **kw}
     return export_task(model.config, model.selection_config, state, task_names, task, out_dir, tokenizer_dir, **kw)

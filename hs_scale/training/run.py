@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from hs_scale.config import Config, dump_config
+from hs_scale.data.features import use_global_cmvn
 from hs_scale.models import build_model
 from hs_scale.seeding import seed_everything
 from hs_scale.selection.selector import format_selection_table
@@ -100,6 +101,7 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
     num_tasks = len(source.task_names)
     model_parallel = cfg.parallel.model_parallel > 1
     model = build_model(cfg.model, cfg.selection, num_tasks=num_tasks)
+    use_global_cmvn(model, cfg.data)  # data.cmvn=global is applied inside the model (hs_scale.data.features)
     if plan.init and not model_parallel:  # before the engine: DeepSpeed/ZeRO copy the weights into their partitions
         load_init_weights(*plan.init, model.to(env.device), groups, cfg, num_tasks)
     engine = StepEngine(model.to(env.device), cfg.train, cfg.selection, cfg.parallel, groups, num_tasks, env.device)

@@ -109,10 +109,10 @@ def reference_greedy(model, batch, max_len):
             logp = torch.log_softmax(logits[0, -1].float(), -1)
             logp[cfg.pad_token_id] = -torch.inf
             if len(prefix) - 1 >= max_len[b]:
-                tok = cfg.eos_token_id
+                tok = cfg.eos_token_id  # forced: scores 0 (HF's forced_eos_token_id)
             else:
                 tok = int(logp.argmax())
-            total += float(logp[tok])
+                total += float(logp[tok])
             if tok == cfg.eos_token_id:
                 break
             prefix.append(tok)
@@ -122,8 +122,9 @@ def reference_greedy(model, batch, max_len):
 
 
 @torch.no_grad()
-def rescore(model, batch, hyps, length_penalty):
-    """Length-normalised teacher-forced score of given hypotheses (independent of the search code)."""
+def rescore(model, batch, hyps, length_penalty, max_len=None):
+    """Length-normalised teacher-forced score of given hypotheses (independent of the search code); a hypothesis of
+    max_len tokens had its </s> forced, which scores 0."""
     memory, mask = encode(model, batch)
     scores = []
     for b, hyp in enumerate(hyps):
@@ -131,7 +132,7 @@ def rescore(model, batch, hyps, length_penalty):
         logp = torch.log_softmax(model.decode(dec, memory[b : b + 1], mask[b : b + 1], batch.tgt_task[b : b + 1]), -1)
         logp[..., model.config.pad_token_id] = -torch.inf
         tgt = hyp + [model.config.eos_token_id]
-        total = float(sum(logp[0, i, t] for i, t in enumerate(tgt)))
+        total = float(sum(logp[0, i, t] for i, t in enumerate(tgt) if not (i == max_len and t == tgt[-1])))
         scores.append(sequence_score(total, len(hyp), length_penalty))
     return scores
 
@@ -176,8 +177,8 @@ def test_beam_scores_at_least_greedy_and_match_rescoring(seed, lp):
     model, batch = make_model("text", seed=seed), make_batch("text", seed=seed + 10)
     greedy = greedy_search(model, batch, SearchConfig(beam=1, max_len_b=10, length_penalty=lp))
     beam = beam_search(model, batch, SearchConfig(beam=5, max_len_b=10, length_penalty=lp))
-    assert beam.scores == pytest.approx(rescore(model, batch, beam.tokens, lp), abs=1e-4)
-    assert greedy.scores == pytest.approx(rescore(model, batch, greedy.tokens, lp), abs=1e-4)
+    assert beam.scores == pytest.approx(rescore(model, batch, beam.tokens, lp, max_len=10), abs=1e-4)
+    assert greedy.scores == pytest.approx(rescore(model, batch, greedy.tokens, lp, max_len=10), abs=1e-4)
     for b_score, g_score in zip(beam.scores, greedy.scores, strict=True):
         assert b_score >= g_score - 1e-5
 

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from _configs import tiny_model_config  # noqa: E402
+from _hf_speech import hf_logits_alone, hf_memory_alone  # noqa: E402
 
 from hs_scale.models import ModelConfig, build_model  # noqa: E402
 from hs_scale.models.hf_names import (  # noqa: E402
@@ -75,6 +76,9 @@ def batch(cfg: ModelConfig):
 
 
 def hf_logits(hf, hf_inputs, dec_BL):
+    """HF's logits; speech: each utterance alone (our subsampler is padding-invariant, HF's is not: _hf_speech)."""
+    if "input_features" in hf_inputs:
+        return hf_logits_alone(hf, hf_inputs["input_features"], hf_inputs["attention_mask"].sum(1), dec_BL)
     with torch.no_grad():
         return hf(**hf_inputs, decoder_input_ids=dec_BL).logits
 
@@ -91,9 +95,13 @@ def test_logits_match_hf(arch, tie, backend):
     inputs, hf_inputs, dec_BL = batch(cfg)
     with torch.no_grad():
         ours_BLV = model(*inputs, dec_BL)
-        memory_BSD, _ = model.encode(*inputs)
-        hf_memory_BSD = hf.model.encoder(**hf_inputs).last_hidden_state
-    torch.testing.assert_close(memory_BSD, hf_memory_BSD, atol=1e-5, rtol=1e-5)
+        memory_BSD, mask_BS = model.encode(*inputs)
+        if arch == "text":
+            torch.testing.assert_close(memory_BSD, hf.model.encoder(**hf_inputs).last_hidden_state, atol=1e-5,
+                                       rtol=1e-5)
+    if arch == "s2t":
+        for ours_SD, valid_S, theirs_SD in zip(memory_BSD, ~mask_BS, hf_memory_alone(hf, *inputs), strict=True):
+            torch.testing.assert_close(ours_SD[valid_S], theirs_SD, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_BLV, hf_logits(hf, hf_inputs, dec_BL), atol=1e-5, rtol=1e-5)
 
 

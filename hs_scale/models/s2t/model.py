@@ -15,10 +15,43 @@ from hs_scale.models.seq2seq import Seq2SeqModel
 from hs_scale.selection.config import SelectionConfig
 
 
+def cmvn_tensors(mean_F, std_F, weight_OFK: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean_F, inv_std_F) in the first convolution's dtype and device; std floored at 1e-5 as in
+    hs_scale.data.features.CMVN. Raises ValueError if they do not have the convolution's F entries."""
+    mean = torch.as_tensor(mean_F, dtype=torch.float32, device=weight_OFK.device)
+    std = torch.as_tensor(std_F, dtype=torch.float32, device=weight_OFK.device)
+    if mean.shape != (weight_OFK.shape[1],) or std.shape != (weight_OFK.shape[1],):
+        raise ValueError(f"CMVN stats of shape {tuple(mean.shape)} / {tuple(std.shape)} for a subsampler with "
+                         f"{weight_OFK.shape[1]} input features (model.input_feat_per_channel)")
+    inv_std = 1.0 / std.clamp(min=1e-5)
+    return mean.to(weight_OFK.dtype), inv_std.to(weight_OFK.dtype)
+
+
+def fold_cmvn(weight_OFK: Tensor, bias_O: Tensor, mean_F: Tensor, inv_std_F: Tensor) -> tuple[Tensor, Tensor]:
+    """The first convolution applied to (x - mean) * inv_std, as one convolution of raw x: (weight', bias').
+
+    conv(W, b)((x - m) * s) = conv(W * s, b - sum_{f,k} W[:, f, k] * s[f] * m[f])(x) at every output position whose
+    window lies inside the signal. Used by the model's forward and by the HF export alike, so both compute the
+    same floats. weight_OFK [O, F, K], bias_O [O], mean_F / inv_std_F [F].
+    """
+    weight = weight_OFK * inv_std_F[None, :, None]
+    bias = bias_O - (weight * mean_F[None, :, None]).sum(dim=(1, 2))
+    return weight, bias
+
+
 class Conv1dSubsampler(nn.Module):
     """Stride-2 Conv1d layers along time, each followed by a GLU over channels (HF / fairseq Conv1dSubsampler).
 
     F -> conv_channels -> GLU (/2) -> ... -> last conv to 2*D -> GLU -> D.
+
+    Global CMVN (``data.cmvn: global``) is applied here, folded into the first convolution (``set_global_cmvn``),
+    and the loader hands over raw filterbanks. WHY: the padding must mean the same thing here and in an exported HF
+    model. The convolution's own zero padding (k // 2 frames at both ends) and the batch's zero padding are zeros of
+    the *raw* features in HF (its feature extractor cannot apply global stats, so the export folds them into the
+    weights); normalising in the loader made them zeros of the *normalised* features, i.e. different inputs at
+    every utterance's first and last frames. Folded here, both models compute the same function of raw features,
+    in training too, and the export is exact. The stats are buffers outside the state dict (set from the corpus's
+    cmvn.json by whoever builds the model for it: ``hs_scale.data.features.use_global_cmvn``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -34,13 +67,48 @@ class Conv1dSubsampler(nn.Module):
             )
             for i, k in enumerate(cfg.conv_kernel_sizes)
         )
+        self.register_buffer("cmvn_mean_F", None, persistent=False)
+        self.register_buffer("cmvn_std_F", None, persistent=False)
 
-    def forward(self, features_BTF: Tensor) -> Tensor:
-        """x_BSD from features_BTF. Padded frames are convolved too (as in HF); the length mask hides them later."""
+    def set_global_cmvn(self, mean_F, std_F) -> None:
+        """Normalise inputs as (x - mean) / max(std, 1e-5) (hs_scale.data.features.CMVN's rule) from now on.
+        mean_F, std_F: [F] float sequences (the corpus's cmvn.json)."""
+        cmvn_tensors(mean_F, std_F, self.conv_layers[0].weight)  # checks the shapes now rather than at forward
+        device = self.conv_layers[0].weight.device
+        self.cmvn_mean_F = torch.as_tensor(mean_F, dtype=torch.float32).to(device)
+        self.cmvn_std_F = torch.as_tensor(std_F, dtype=torch.float32).to(device)
+
+    def forward(self, features_BTF: Tensor, lengths_B: Tensor | None = None) -> Tensor:
+        """x_BSD from features_BTF [B, T, F] with lengths_B (long [B] valid frames; None = no padding).
+
+        Padding-invariant: each utterance's valid outputs are what it gives alone, unpadded. WHY: HF's subsampler
+        convolves the batch's padding frames, and the outputs it computes from them reach the next convolution's
+        window at the utterance's end, so an HF model's last encoder frames depend on what it is batched with.
+        Here padded input frames are zeros (what the convolution's own padding gives an utterance alone) and each
+        layer's outputs past the utterance's subsampled length are zeroed before the next layer, so batched
+        training and ``hs-scale evaluate`` compute exactly what an exported model gives one utterance at a time.
+        """
         x_BCT = features_BTF.transpose(1, 2).contiguous()
-        for conv in self.conv_layers:
-            x_BCT = nn.functional.glu(conv(x_BCT), dim=1)
+        if lengths_B is not None:
+            x_BCT = x_BCT * self._valid(lengths_B, x_BCT)
+        for i, conv in enumerate(self.conv_layers):
+            if i == 0 and self.cmvn_mean_F is not None:
+                mean_F, inv_std_F = cmvn_tensors(self.cmvn_mean_F, self.cmvn_std_F, conv.weight)
+                weight, bias = fold_cmvn(conv.weight, conv.bias, mean_F, inv_std_F)
+                y_BCT = nn.functional.conv1d(x_BCT, weight, bias, conv.stride, conv.padding)
+            else:
+                y_BCT = conv(x_BCT)
+            x_BCT = nn.functional.glu(y_BCT, dim=1)
+            if lengths_B is not None and i < len(self.conv_layers) - 1:  # the last layer's pads: the length mask
+                lengths_B = (lengths_B - 1) // 2 + 1  # stride 2, padding k // 2 (ModelConfig.subsampled_lengths)
+                x_BCT = x_BCT * self._valid(lengths_B, x_BCT)
         return x_BCT.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def _valid(lengths_B: Tensor, x_BCT: Tensor) -> Tensor:
+        """[B, 1, T] 1.0 at positions < length, else 0.0 (x's dtype and device)."""
+        positions_T = torch.arange(x_BCT.shape[-1], device=x_BCT.device)
+        return (positions_T[None, :] < lengths_B.to(x_BCT.device)[:, None]).to(x_BCT.dtype)[:, None, :]
 
 
 class SpeechEncoder(Encoder):
@@ -53,7 +121,8 @@ class SpeechEncoder(Encoder):
 
 
 class S2TTransformer(Seq2SeqModel):
-    """Speech encoder-decoder with per-task head selection; with selection off, HF Speech2Text exactly."""
+    """Speech encoder-decoder with per-task head selection; with selection off, HF Speech2Text exactly on each
+    utterance alone (HF's batched padding leaks into the last frames, ours does not: ``Conv1dSubsampler``)."""
 
     def __init__(self, cfg: ModelConfig, selection: SelectionConfig | None = None, num_tasks: int = 1):
         if cfg.arch != "s2t":
@@ -65,8 +134,9 @@ class S2TTransformer(Seq2SeqModel):
         self.apply(self._init_weights)
 
     def embed_source(self, features_BTF: Tensor, feature_lengths_B: Tensor | None = None) -> Tensor:
-        """x_BSD: subsampled, scaled filterbanks. Padded frames are convolved too (as in HF); the mask hides them."""
-        return self.encoder.conv(features_BTF) * self.encoder.embed_scale
+        """x_BSD: subsampled, scaled filterbanks, each utterance's valid positions independent of the padding
+        (``Conv1dSubsampler.forward``); the source padding mask hides the rest."""
+        return self.encoder.conv(features_BTF, feature_lengths_B) * self.encoder.embed_scale
 
     def source_padding_mask(self, features_BTF: Tensor, feature_lengths_B: Tensor | None = None) -> Tensor:
         """bool [B, S], True past each utterance's subsampled length (S = ModelConfig.subsampled_lengths(T))."""
