@@ -68,6 +68,7 @@ class Seq2SeqModel(nn.Module):
                     temperature=selection.temperature,
                     seed=selection.seed + ATTENTION_TYPES.index(name),
                     init_range=(selection.init_low, selection.init_high),
+                    noise_scale=selection.noise_scale,
                 )
                 for name in self.selected_types
             }

@@ -77,6 +77,11 @@ class SelectionConfig:
     temperature_decay: float = 0.0
     """Annealing rate: tau(step) = max(temperature_min, temperature * exp(-temperature_decay * step))."""
 
+    noise_scale: float = 1.0
+    """Multiplier of the Gumbel noise g1 - g2 added to phi when training draws heads (1 = the paper; 0 = train
+    on the deterministic selection, phi still learning through the straight-through weights). The noise explores
+    head choices; at CPU budgets it costs more than it finds (docs/results.md, "Where group loses")."""
+
     kl_weight: float = 0.0
     """Weight of KL(q(z) || Bernoulli(H/H')) in the loss (the paper's ELBO prior; the reference recipe uses 0)."""
 
@@ -105,6 +110,8 @@ class SelectionConfig:
             )
         if self.temperature_decay < 0:
             raise ValueError(f"selection.temperature_decay={self.temperature_decay} must be >= 0")
+        if not 0 <= self.noise_scale < math.inf:
+            raise ValueError(f"selection.noise_scale={self.noise_scale} must be a finite number >= 0 (1 = the paper)")
         if self.kl_weight < 0:
             raise ValueError(f"selection.kl_weight={self.kl_weight} must be >= 0")
         if self.init_low > self.init_high:

@@ -141,6 +141,7 @@ class HeadSelector(nn.Module):
         partitions: int = 1,
         *,
         rank: int | None = None,
+        noise_scale: float = 1.0,
     ):
         super().__init__()
         problems = head_problems(active_heads, pool_heads, partitions, strategy)
@@ -152,6 +153,7 @@ class HeadSelector(nn.Module):
         self.pool_heads, self.active_heads = pool_heads, active_heads
         self.strategy, self.seed, self.first_layer = strategy, seed, first_layer
         self.partitions, self.rank = partitions, rank
+        self.noise_scale = float(noise_scale)  # selection.noise_scale; 0 = deterministic choice in training too
         logits = torch.empty(num_tasks, num_layers, pool_heads).uniform_(*init_range)
         self.logits = nn.Parameter(logits[:, :, self.pool_slice].clone() if rank is not None else logits)
         if rank is not None:
@@ -217,10 +219,12 @@ class HeadSelector(nn.Module):
         draw = int(self.draws)
         for layer in range(self.num_layers):
             noise = None
-            if self.training:
+            if self.training and self.noise_scale > 0:
                 noise = selection_noise(
                     self.seed, draw, self.first_layer + layer, self.num_tasks, self.pool_heads
                 ).to(self.logits.device)
+                if self.noise_scale != 1.0:
+                    noise = noise * self.noise_scale
             choices.append(self._choose(layer, noise))
         if self.training:
             self.draws += 1

@@ -41,7 +41,7 @@ SAFE_SECTIONS_ON_RESUME = ("parallel.",)
 SAFE_ON_INIT = {
     "model.dropout", "model.attention_dropout", "model.activation_dropout", "model.init_std",
     "selection.temperature", "selection.temperature_min", "selection.temperature_decay", "selection.kl_weight",
-    "selection.init_low", "selection.init_high",
+    "selection.init_low", "selection.init_high", "selection.noise_scale",
 }
 _KNOWN_ERRORS = {cls.__name__: cls for cls in (ValueError, FileNotFoundError, ConfigError, CheckpointError,
                                                CheckpointCorruptError, OutputDirLockedError)}

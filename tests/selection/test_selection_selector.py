@@ -66,6 +66,27 @@ def test_training_draws_advance_and_eval_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, expected, strict=True))
 
 
+def test_noise_scale_multiplies_the_training_noise_and_zero_trains_on_the_deterministic_choice():
+    """selection.noise_scale: the draw is select_heads over phi + scale * (g1 - g2); at 0 training takes the
+    eval-mode choice (still consuming draws, so resume positions do not depend on it) and phi keeps its
+    straight-through gradient."""
+    torch.manual_seed(0)
+    sel = HeadSelector(3, 2, 8, 4, strategy="group", temperature=5.0, seed=7, noise_scale=2.5).train()
+    got = [c.heads for c in sel()]
+    for layer in range(2):
+        noise = 2.5 * selection_noise(7, 0, layer, 3, 8)
+        assert torch.equal(got[layer], select_heads(sel.logits[:, layer], 4, "group", 5.0, noise).heads)
+    quiet = HeadSelector(3, 2, 8, 4, strategy="group", temperature=5.0, seed=7, noise_scale=0.0).train()
+    choices = [quiet() for _ in range(3)]
+    assert int(quiet.draws) == 3
+    expected = [select_heads(quiet.logits[:, layer], 4, "group", 5.0).heads for layer in range(2)]
+    assert all(torch.equal(c.heads, e) for draw in choices for c, e in zip(draw, expected, strict=True))
+    sum(c.weights.sum() for c in choices[0]).backward()
+    assert quiet.logits.grad is not None and quiet.logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="selection.noise_scale=-1"):
+        SelectionConfig(noise_scale=-1)
+
+
 _CHILD = """
 import json, torch
 from hs_scale.selection.selector import HeadSelector, selection_noise
