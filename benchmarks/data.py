@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small corpus, short runs (about two minutes)")
     p.add_argument("--spec-augment", action="store_true", help="include SpecAugment in the measured work")
     p.add_argument("--sources", default="seek,local,http,s3", help="which readers/sources to measure (comma-separated)")
-    p.add_argument("--repeat", type=int, default=3, help="alternate seek and local this many times (median)")
+    p.add_argument("--repeat", type=int, default=3, help="run seek and local side by side this many times (median)")
+    p.add_argument("--kinds", default="flac,features", help="which feature kinds to measure: flac, features")
     p.add_argument("--seconds", type=float, help="seconds per measurement (default 6 with --quick, else 20)")
     p.add_argument("--json", help="write utts_per_s_flac / utts_per_s_features (local) and per-source numbers here")
     args = p.parse_args(argv)
@@ -294,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             where = {"seek": where["local"], **where}
             paired = "seek" in wanted and "local" in wanted
             # seek and local side by side (measure_pair), `repeat` times per feature kind; other sources once each
-            plan = [("pair", pre) for _ in range(args.repeat) for pre in (False, True)] if paired else []
+            kinds = [kind == "features" for kind in ("flac", "features") if kind in args.kinds.split(",")]
+            plan = [("pair", pre) for _ in range(args.repeat) for pre in kinds] if paired else []
             plan += [(name, pre) for name in where if name in wanted and not (paired and name in ("seek", "local"))
-                     for pre in (False, True)]
+                     for pre in kinds]
             for name, pre in plan:
                 kind = "features" if pre else "flac"
                 if name == "pair":
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
              for name, r in runs.items()}
     ratio = {k: round(statistics.median(v), 3) for k, v in ratios.items()}
     first = table.get("local") or next(iter(table.values()))
-    res = {"utts_per_s_flac": first["utts_per_s_flac"], "utts_per_s_features": first["utts_per_s_features"],
+    res = {"utts_per_s_flac": first.get("utts_per_s_flac"), "utts_per_s_features": first.get("utts_per_s_features"),
            "mean_seconds_audio": round(next(iter(mean_audio.values())), 2), "spec_augment": args.spec_augment,
            "sources": table, "local_over_seek_per_cpu_s": ratio,
            "local_over_seek_runs": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
@@ -326,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'source':10s} {'utt/s':>10s} {'utt/CPU-s':>10s} {'utt/s':>10s} {'utt/CPU-s':>10s}   (targets 300 / 2000)")
     cols = ("utts_per_s_flac", "utts_per_cpu_s_flac", "utts_per_s_features", "utts_per_cpu_s_features")
     for name, r in table.items():
-        print(f"{name:10s} " + " ".join(f"{r[c]:10.1f}" for c in cols))
-    if ratio:
-        print(f"local / seek per CPU-second, side by side, median of {args.repeat}: FLAC + fbank "
-              f"{ratio['utts_per_cpu_s_flac']:.3f}, stored fbank {ratio['utts_per_cpu_s_features']:.3f}")
+        print(f"{name:10s} " + " ".join(f"{r[c]:10.1f}" if c in r else f"{'-':>10s}" for c in cols))
+    for c, name in (("utts_per_cpu_s_flac", "FLAC + fbank"), ("utts_per_cpu_s_features", "stored fbank")):
+        if c in ratio:
+            print(f"local / seek per CPU-second, side by side, {name}: median {ratio[c]:.3f} of runs "
+                  + " ".join(f"{x:.3f}" for x in ratios[c]))
     for name, c in costs.items():
         print(f"reader only, {name:5s}: {c['first_pass_us']:7.1f} us/sample first pass, {c['reread_us']:6.1f} "
               "re-reading (CPU; stored-feature members, no decoding)")
