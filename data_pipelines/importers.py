@@ -98,10 +98,11 @@ def load_audio(ref: dict) -> np.ndarray:
     return np.clip(wav, -1.0, 32767 / 32768).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=64)
 def _tar_index(tar: str) -> dict[str, tuple[int, int]]:
-    """{member name without its last extension: (data offset, size)} of the non-.json members of a tar (one scan;
-    a build worker reads the members of one shard in turn, so each tar is indexed once, not once per member)."""
+    """{member name without its last extension: (data offset, size)} of the non-.json members of a tar: one scan per
+    tar and build worker, not one per member (~100 KB per 1000 members; 64 tars kept, as a worker's rows may
+    come from any of them)."""
     with tarfile.open(tar, mode="r:") as tf:
         return {m.name.rsplit(".", 1)[0]: (m.offset_data, m.size) for m in tf if m.isfile()
                 and not m.name.endswith(".json")}

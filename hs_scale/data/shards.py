@@ -357,7 +357,7 @@ class ShardStream:
 
     A local shard records where the kept members of the samples it has parsed lie; a later pass over the unchanged
     file (same size and mtime) replays that prefix from a private memory map of the file (`_replay`: no header
-    parsing, no copies of large members) and parses on from where it ends. This makes re-reading a shard (each
+    parsing, no copy of stored features) and parses on from where it ends. This makes re-reading a shard (each
     epoch, and small streams that temperature sampling cycles) cheaper than the old seek reader; the bytes are the
     same either way, and the loader checks their CRC-32 on every read. Remote shards are always parsed (one
     sequential GET per pass).
