@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -138,6 +139,50 @@ def measure(corpus: str, precomputed: bool, seconds: float, spec_augment: bool, 
             "mean_seconds_audio": frames / max(n, 1) / 100}
 
 
+def measure_pair(corpus: str, precomputed: bool, seconds: float, spec_augment: bool) -> dict[str, dict]:
+    """The seek and the streaming reader side by side: two loaders with the same plan (so the same batches) in
+    this process, advanced one batch each in turn (who goes first alternates), each next() timed alone. Load
+    drift and cache pollution then hit both alike, batch by batch, which 8-second blocks one after the other do
+    not on a shared machine. Every pair of batches is checked to be identical. Returns {"seek": r, "local": r}
+    with measure()'s fields, and "ratio": local over seek in utt per CPU-second (same batches: the CPU ratio)."""
+    from hs_scale.data import DataConfig, build_loader, load_tokenizer
+    from hs_scale.data import loader as loader_mod
+
+    cfg = DataConfig(manifest=corpus, num_workers=0, precomputed_features=precomputed, spec_augment=spec_augment,
+                     max_frames_per_batch=40_000, bucket_pool=1000)
+    tok = load_tokenizer(corpus)
+    # The loader looks both names up at call time: swapped before each next() of the seek loader, restored after.
+    real = loader_mod.StreamReader, loader_mod.check_crcs
+    readers = {"seek": (SeekReader, lambda *args: None), "local": real}
+    its = {name: iter(build_loader(cfg, "train", 0, 1, tok, train=True)) for name in readers}
+    acc = {name: [0, 0, 0.0, 0.0] for name in readers}  # utts, frames, wall s, CPU s
+    try:
+        for i in itertools.count():
+            order = ("seek", "local") if i % 2 else ("local", "seek")
+            got = {}
+            for name in order:
+                loader_mod.StreamReader, loader_mod.check_crcs = readers[name]
+                t0, c0 = time.perf_counter(), time.process_time()
+                b = got[name] = next(its[name])
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                loader_mod.StreamReader, loader_mod.check_crcs = real
+                if i >= 2:  # warm up: the first pool is read before its first batch
+                    a = acc[name]
+                    a[0], a[1], a[2], a[3] = a[0] + len(b), a[1] + int(b.feature_lengths.sum()), a[2] + dt, a[3] + cpu
+            if got["seek"].keys != got["local"].keys or not torch.equal(got["seek"].features, got["local"].features):
+                raise AssertionError(f"batch {i}: the seek and the streaming reader gave different batches")
+            if i >= 2 and acc["seek"][2] + acc["local"][2] >= 2 * seconds:
+                break
+    finally:
+        loader_mod.StreamReader, loader_mod.check_crcs = real
+        for it in its.values():
+            it.close()
+    out = {name: {"utts_per_s": n / wall, "utts_per_cpu_s": n / cpu, "utts": n, "mean_seconds_audio": f / n / 100}
+           for name, (n, f, wall, cpu) in acc.items()}
+    out["ratio"] = out["local"]["utts_per_cpu_s"] / out["seek"]["utts_per_cpu_s"]
+    return out
+
+
 def reader_costs(corpus: str, passes: int = 3) -> dict:
     """The readers alone, without decoding: CPU microseconds per sample to fetch every train sample's stored-feature
     members (txt, translation.txt, fbank.npy) in shard order, on the first pass (seek: tarfile indexing; streaming:
@@ -228,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small corpus, short runs (about two minutes)")
     p.add_argument("--spec-augment", action="store_true", help="include SpecAugment in the measured work")
     p.add_argument("--sources", default="seek,local,http,s3", help="which readers/sources to measure (comma-separated)")
-    p.add_argument("--repeat", type=int, default=3, help="alternate seek and local this many times (median)")
+    p.add_argument("--repeat", type=int, default=3, help="run seek and local side by side this many times (median)")
+    p.add_argument("--kinds", default="flac,features", help="which feature kinds to measure: flac, features")
     p.add_argument("--seconds", type=float, help="seconds per measurement (default 6 with --quick, else 20)")
     p.add_argument("--json", help="write utts_per_s_flac / utts_per_s_features (local) and per-source numbers here")
     args = p.parse_args(argv)
@@ -236,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (6.0 if args.quick else 20.0)
     wanted = args.sources.split(",")
     runs: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    ratios: dict[str, list[float]] = collections.defaultdict(list)  # per side-by-side run: local / seek per CPU-s
     mean_audio = {}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = args.corpus
@@ -246,40 +293,46 @@ def main(argv: list[str] | None = None) -> int:
         costs = reader_costs(corpus) if "seek" in wanted and "local" in wanted else {}
         with sources(os.path.abspath(corpus), [w for w in wanted if w in ("http", "s3")]) as where:
             where = {"seek": where["local"], **where}
-            order = [w for w in ("seek", "local") if w in wanted]
-            # seek and local alternate (feature kind innermost), so load drift hits both alike; remote sources once
-            plan = [(name, pre) for _ in range(args.repeat) for pre in (False, True) for name in order]
-            plan += [(name, pre) for name in where if name in wanted and name not in order for pre in (False, True)]
+            paired = "seek" in wanted and "local" in wanted
+            # seek and local side by side (measure_pair), `repeat` times per feature kind; other sources once each
+            kinds = [kind == "features" for kind in ("flac", "features") if kind in args.kinds.split(",")]
+            plan = [("pair", pre) for _ in range(args.repeat) for pre in kinds] if paired else []
+            plan += [(name, pre) for name in where if name in wanted and not (paired and name in ("seek", "local"))
+                     for pre in kinds]
             for name, pre in plan:
-                r = measure(where[name], pre, seconds, args.spec_augment, seek=name == "seek")
                 kind = "features" if pre else "flac"
-                runs[name][f"utts_per_s_{kind}"].append(r["utts_per_s"])
-                runs[name][f"utts_per_cpu_s_{kind}"].append(r["utts_per_cpu_s"])
-                mean_audio.setdefault(name, r["mean_seconds_audio"])
-                print(f"  {name:6s} {'stored fbank' if pre else 'FLAC + fbank':12s} {r['utts_per_s']:9.1f} utt/s "
-                      f"{r['utts_per_cpu_s']:9.1f} utt/CPU-s", file=sys.stderr)
+                if name == "pair":
+                    res = measure_pair(where["local"], pre, seconds, args.spec_augment)
+                    ratios[f"utts_per_cpu_s_{kind}"].append(res.pop("ratio"))
+                else:
+                    res = {name: measure(where[name], pre, seconds, args.spec_augment, seek=name == "seek")}
+                for n, r in res.items():
+                    runs[n][f"utts_per_s_{kind}"].append(r["utts_per_s"])
+                    runs[n][f"utts_per_cpu_s_{kind}"].append(r["utts_per_cpu_s"])
+                    mean_audio.setdefault(n, r["mean_seconds_audio"])
+                    print(f"  {n:6s} {'stored fbank' if pre else 'FLAC + fbank':12s} {r['utts_per_s']:9.1f} utt/s "
+                          f"{r['utts_per_cpu_s']:9.1f} utt/CPU-s", file=sys.stderr)
     table = {name: {k: round(statistics.median(v), 1) for k, v in r.items()} | {"runs": {k: [round(x, 1) for x in v]
                                                                                for k, v in r.items()}}
              for name, r in runs.items()}
-    ratios = {}
-    if "seek" in runs and "local" in runs:  # per alternating pair: streaming / seek, then the median
-        for k in runs["local"]:
-            ratios[k] = round(statistics.median(a / b for a, b in zip(runs["local"][k], runs["seek"][k],
-                                                                        strict=True)), 3)
+    ratio = {k: round(statistics.median(v), 3) for k, v in ratios.items()}
     first = table.get("local") or next(iter(table.values()))
-    res = {"utts_per_s_flac": first["utts_per_s_flac"], "utts_per_s_features": first["utts_per_s_features"],
+    res = {"utts_per_s_flac": first.get("utts_per_s_flac"), "utts_per_s_features": first.get("utts_per_s_features"),
            "mean_seconds_audio": round(next(iter(mean_audio.values())), 2), "spec_augment": args.spec_augment,
-           "sources": table, "local_over_seek": ratios, "reader_us_per_sample": costs,
+           "sources": table, "local_over_seek_per_cpu_s": ratio,
+           "local_over_seek_runs": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
+           "reader_us_per_sample": costs,
            "load_average": os.getloadavg(),
            "targets": {"utts_per_s_flac": 300, "utts_per_s_features": 2000}}
     print(f"{'':10s} {'(a) FLAC + fbank':>21s} {'(b) stored fbank':>21s}   per worker, median of runs")
     print(f"{'source':10s} {'utt/s':>10s} {'utt/CPU-s':>10s} {'utt/s':>10s} {'utt/CPU-s':>10s}   (targets 300 / 2000)")
     cols = ("utts_per_s_flac", "utts_per_cpu_s_flac", "utts_per_s_features", "utts_per_cpu_s_features")
     for name, r in table.items():
-        print(f"{name:10s} " + " ".join(f"{r[c]:10.1f}" for c in cols))
-    if ratios:
-        print(f"{'local/seek':10s} " + " ".join(f"{ratios[c]:10.3f}" for c in cols)
-              + f"   median ratio over {args.repeat} alternating pairs")
+        print(f"{name:10s} " + " ".join(f"{r[c]:10.1f}" if c in r else f"{'-':>10s}" for c in cols))
+    for c, name in (("utts_per_cpu_s_flac", "FLAC + fbank"), ("utts_per_cpu_s_features", "stored fbank")):
+        if c in ratio:
+            print(f"local / seek per CPU-second, side by side, {name}: median {ratio[c]:.3f} of runs "
+                  + " ".join(f"{x:.3f}" for x in ratios[c]))
     for name, c in costs.items():
         print(f"reader only, {name:5s}: {c['first_pass_us']:7.1f} us/sample first pass, {c['reread_us']:6.1f} "
               "re-reading (CPU; stored-feature members, no decoding)")

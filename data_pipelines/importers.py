@@ -19,7 +19,9 @@ audio}; `audio` is a picklable reference that `load_audio` reads in the build wo
            and speaker from the first supervision, a translation from the supervisions' `custom` field named by
            --translation-column (default "translation"; a {lang: text} dict is indexed by --tgt-lang). Audio is
            read by Lhotse itself (`cut.load_audio()`: recordings of any source type it supports, cut offsets and
-           durations honoured). Lhotse Shar directories are not supported.
+           durations honoured). A Lhotse Shar directory (written by `CutSet.to_shar`: cuts.NNNNNN.jsonl.gz with
+           the cuts' audio in recording.NNNNNN.tar) is read shard by shard; the audio stays in its tar until a build
+           worker reads that member (one index of the tar per worker process) and hands it to Lhotse to decode.
 
 Audio is resampled to 16 kHz with scipy's `resample_poly` (what the synthesizer uses too) and down-mixed to mono.
 Bad inputs are counted per kind and skipped, or refused with on_error="raise": unreadable audio ("bad_audio"),
@@ -29,6 +31,8 @@ empty text ("empty_text"), utterances longer than max_seconds ("too_long").
 from __future__ import annotations
 
 import csv
+import functools
+import glob
 import io
 import json
 import logging
@@ -59,7 +63,13 @@ def load_audio(ref: dict) -> np.ndarray:
         if "lhotse" in ref:
             from lhotse import CutSet
 
-            cut = next(iter(CutSet.from_dicts([ref["lhotse"]])))
+            cut = ref["lhotse"]
+            if "shar" in ref:  # a Shar cut: its audio is a member of the shard's tar, decoded by Lhotse from memory
+                rec = cut["recording"]
+                sources = [{"type": "memory", "channels": rec["sources"][0]["channels"],
+                            "source": _shar_audio(ref["shar"], cut["id"])}]
+                cut = {**cut, "recording": {**rec, "sources": sources}}
+            cut = next(iter(CutSet.from_dicts([cut])))
             wav, sr = cut.load_audio().T.astype(np.float32), cut.sampling_rate  # [C, N] -> [N, C]
         elif "bytes" in ref:
             data = ref["bytes"]
@@ -86,6 +96,26 @@ def load_audio(ref: dict) -> np.ndarray:
     if len(wav) == 0:
         raise ValueError(f"empty audio {_describe(ref)}")
     return np.clip(wav, -1.0, 32767 / 32768).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _tar_index(tar: str) -> dict[str, tuple[int, int]]:
+    """{member name without its last extension: (data offset, size)} of the non-.json members of a tar: one scan per
+    tar and build worker, not one per member (~100 KB per 1000 members; 64 tars kept, as a worker's rows may
+    come from any of them)."""
+    with tarfile.open(tar, mode="r:") as tf:
+        return {m.name.rsplit(".", 1)[0]: (m.offset_data, m.size) for m in tf if m.isfile()
+                and not m.name.endswith(".json")}
+
+
+def _shar_audio(tar: str, cut_id: str) -> bytes:
+    """The encoded audio of cut `cut_id` in a Shar recording tar (member `<cut_id>.<format>`, as Lhotse writes)."""
+    where = _tar_index(tar).get(cut_id)
+    if where is None:
+        raise ValueError(f"no audio member for cut {cut_id!r} in {tar}")
+    with open(tar, "rb") as fh:
+        fh.seek(where[0])
+        return fh.read(where[1])
 
 
 def _describe(ref: dict) -> str:
@@ -176,10 +206,11 @@ def read_lhotse(path: str, split: str | None, domain: str, translation_field: st
         raise ImportError("--from lhotse needs Lhotse: pip install 'hs_scale[import]' (or: pip install lhotse)") \
             from None
 
-    name = os.path.basename(path)
+    name = os.path.basename(os.path.normpath(path))
     for ext in (".gz", ".jsonl", ".json", ".yaml"):
         name = name.removesuffix(ext)
-    for n, cut in enumerate(CutSet.from_file(path)):
+    cuts = _shar_cuts(path) if os.path.isdir(path) else ((cut, None) for cut in CutSet.from_file(path))
+    for n, (cut, tar) in enumerate(cuts):
         sups = list(cut.supervisions)
         first = sups[0] if sups else None
         lang = (first.language if first else None) or ""
@@ -189,7 +220,29 @@ def read_lhotse(path: str, split: str | None, domain: str, translation_field: st
         yield {"split": split or name.rsplit("_", 1)[-1], "lang": lang, "tgt_lang": tgt_lang if tr else lang,
                "domain": domain, "text": " ".join(s.text.strip() for s in sups if s.text), "translation": tr,
                "source_id": first.id if len(sups) == 1 else cut.id or str(n),
-               "speaker": (first.speaker if first else None) or "", "audio": {"lhotse": cut.to_dict()}}
+               "speaker": (first.speaker if first else None) or "",
+               "audio": {"lhotse": cut.to_dict(), **({"shar": tar} if tar else {})}}
+
+
+def _shar_cuts(path: str):
+    """(cut, the tar holding its audio or None) of a Lhotse Shar directory, shard by shard. The cuts are read with
+    Lhotse (`CutSet.from_file` on each cuts.NNNNNN.jsonl.gz), not `CutSet.from_shar`, which would load every
+    cut's audio here in the main process; a cut's audio is read from recording.NNNNNN.tar when it is built.
+    Without a recording field the cuts keep their own recording sources."""
+    from lhotse import CutSet
+
+    cut_files = sorted(glob.glob(os.path.join(path, "cuts.*.jsonl*")))
+    if not cut_files:
+        raise ValueError(f"--input {path}: a directory, but not a Lhotse Shar directory (no cuts.NNNNNN.jsonl.gz); "
+                         "give a CutSet manifest as a file")
+    for cut_file in cut_files:
+        tar = os.path.join(path, f"recording.{os.path.basename(cut_file).split('.')[1]}.tar")
+        for cut in CutSet.from_file(cut_file):
+            shar = cut.has_recording and any(s.type == "shar" for s in cut.recording.sources)
+            if shar and not os.path.exists(tar):
+                raise ValueError(f"--input {path}: {os.path.basename(tar)} (the audio of {cut_file}) is missing "
+                                 "(Lhotse writes it with fields={'recording': ...}; a compressed .tar.gz is not read)")
+            yield cut, tar if shar else None
 
 
 def read_text(src: str, tgt: str, split: str, lang: str, tgt_lang: str, domain: str) -> Iterator[dict]:

@@ -1,6 +1,7 @@
-"""`prepare-data --from {fairseq,nemo,hf,text,lhotse}`: tiny corpora in each format, made from the speech of the test
-corpus (no downloads), imported and compared sample for sample (audio, text, translation, languages, split), with
-bad rows counted per kind; one model trains a few steps from an imported corpus through the CLI."""
+"""`prepare-data --from {fairseq,nemo,hf,text,lhotse}` (Lhotse: CutSet manifests and Shar directories): tiny
+corpora in each format, made from the speech of the test corpus (no downloads), imported and compared sample for
+sample (audio, text, translation, languages, split), with bad rows counted per kind; one model trains a few steps
+from an imported corpus through the CLI."""
 
 from __future__ import annotations
 
@@ -229,6 +230,42 @@ def test_lhotse_cutset_with_segments(source, tmp_path):
             (s["text"], s["translation"], s["lang"], "en", s["split"]), i
         np.testing.assert_array_equal(g["wav"], expected(i))
     assert json.loads(open(f"{out}/info.json").read())["import_errors"] == {"empty_text": 1}
+
+
+def test_lhotse_shar_written_by_lhotse(source, tmp_path):
+    """Shar directories written by Lhotse's own writer (`CutSet.to_shar`, FLAC recordings, 3 cuts per shard): train
+    from one recording per utterance, dev from recordings cut into segments; imported sample for sample."""
+    lhotse = pytest.importorskip("lhotse")
+    ids = sorted(source)
+    recs, sups = [], []
+    for i in ids:  # train: a recording per utterance; dev: pairs of utterances in one recording
+        s = source[i]
+        if s["split"] == "train":
+            write_wav(tmp_path / f"{i}.wav", s["wav"])
+            recs.append(lhotse.Recording.from_file(tmp_path / f"{i}.wav", recording_id=i))
+            sups.append((i, i, 0.0, s))
+    dev = [i for i in ids if source[i]["split"] == "dev"]
+    for a, b in zip(dev[::2], dev[1::2], strict=True):
+        write_wav(tmp_path / f"{a}+{b}.wav", np.concatenate([source[a]["wav"], source[b]["wav"]]))
+        recs.append(lhotse.Recording.from_file(tmp_path / f"{a}+{b}.wav", recording_id=f"{a}+{b}"))
+        sups += [(a, f"{a}+{b}", 0.0, source[a]), (b, f"{a}+{b}", len(source[a]["wav"]) / 16000, source[b])]
+    segments = [lhotse.SupervisionSegment(id=i, recording_id=rec, start=start, duration=len(s["wav"]) / 16000,
+                                          text=s["text"], language=s["lang"], speaker="spk",
+                                          custom={"translation": s["translation"]}) for i, rec, start, s in sups]
+    cuts = lhotse.CutSet.from_manifests(lhotse.RecordingSet.from_recordings(recs),
+                                        lhotse.SupervisionSet.from_segments(segments)).trim_to_supervisions()
+    for split in ("train", "dev"):
+        (tmp_path / f"shar_{split}").mkdir()
+        written = cuts.filter(lambda c, split=split: source[c.supervisions[0].id]["split"] == split).to_shar(
+            tmp_path / f"shar_{split}", fields={"recording": "flac"}, shard_size=3)
+        assert len(written["recording"]) == (3 if split == "train" else 2)
+    out = str(tmp_path / "corpus")
+    assert prepare_data(["--from", "lhotse", "--input", str(tmp_path / "shar_train"), "--input",
+                         f"{tmp_path}/shar_dev", "--tgt-lang", "en", "--out", out, "--vocab-size", "120",
+                         "--workers", "1"]) == 0
+    check_equal(imported(out), source, translation=True)
+    with pytest.raises(ValueError, match="not a Lhotse Shar directory"):
+        prepare_data(["--from", "lhotse", "--input", str(tmp_path / "corpus"), "--out", str(tmp_path / "x")])
 
 
 @pytest.mark.slow

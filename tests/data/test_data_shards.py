@@ -14,9 +14,12 @@ from hs_scale.data.shards import (
     SampleError,
     ShardStream,
     TarFormatError,
+    check_crcs,
     decode_fbank,
+    decode_text,
     iter_members,
     iter_samples,
+    member_crcs,
 )
 
 
@@ -131,3 +134,50 @@ def test_decode_fbank_fast_path_matches_np_load():
         buf = io.BytesIO()
         np.save(buf, x[:, :40])
         decode_fbank(buf.getvalue(), "k", "s.tar")
+
+
+def test_replay_hands_out_large_members_as_views_of_the_shard(tmp_path):
+    """Re-reads of a local shard come from a private map of the file: features as writable views (decoded in
+    place, equal to np.load), other members as bytes, the small members of a sample sliced out of one read."""
+    feats = [np.random.default_rng(i).standard_normal((110 + 40 * i, 80)).astype(np.float16) for i in range(3)]
+    members = []
+    for i, x in enumerate(feats):
+        buf = io.BytesIO()
+        np.save(buf, x)
+        members += [(f"k{i}.fbank.npy", buf.getvalue()), (f"k{i}.flac", b"f" * 20_000),
+                    (f"k{i}.json", b"{}"), (f"k{i}.txt", f"text {i}".encode())]
+    path = tmp_path / "s.tar"
+    path.write_bytes(make_tar(tarfile.GNU_FORMAT, members))
+    keys = {"k0", "k1", "k2"}
+    st = ShardStream(str(path), "s.tar", keys, exts={"fbank.npy", "flac", "txt"})
+    first = {k: st.get(k) for k in sorted(keys)}                    # parsed: bytes
+    reads = {k: [read[2:] for read in r] for k, r, _ in st._layout}
+    assert reads["k1"] == [((("fbank.npy", 0, len(members[4][1])),), True), ((("flac", 0, 20_000),), False),
+                           ((("txt", 0, 6),), False)]
+    again = {k: st.get(k) for k in sorted(keys)}                    # replayed from the map
+    assert st.replays == 1 and again == first
+    for i, k in enumerate(sorted(keys)):
+        got = again[k]
+        assert isinstance(got["fbank.npy"], memoryview) and not got["fbank.npy"].readonly
+        assert isinstance(got["txt"], bytes) and decode_text(got["txt"], k, "s.tar") == f"text {i}"
+        assert isinstance(got["flac"], bytes) and got["flac"] == b"f" * 20_000
+        x = decode_fbank(got["fbank.npy"], k, "s.tar")
+        assert x.dtype == np.float32 and np.array_equal(x, feats[i].astype(np.float32))
+        assert check_crcs(got, member_crcs(first[k]), k, "s.tar") is None
+    # the texts of a sample share one read when the members between them are small
+    st2 = ShardStream(str(path), "s.tar", keys, exts={"json", "txt"})
+    st2.get("k0")
+    assert [read[2] for read in st2._layout[0][1]] == [(("json", 0, 2), ("txt", 1024, 1030))]
+    st2.buffer.clear()
+    assert st2.get("k0") == {"json": b"{}", "txt": b"text 0"} and st2.replays == 1
+
+
+def test_check_crcs_checks_each_listed_member_only():
+    members = {"txt": b"hallo", "translation.txt": b"hello", "fbank.npy": b"\0" * 100}
+    listed = member_crcs(members)
+    check_crcs(members, listed, "k", "s.tar")
+    check_crcs({"txt": b"changed"}, "", "k", "s.tar")                             # old corpus: not checked
+    check_crcs({"json": b"not listed"}, listed, "k", "s.tar")                      # not in the manifest
+    for ext in members:  # "txt=" must not match inside "translation.txt="
+        with pytest.raises(SampleError, match=rf"checksum: .* member \.{ext} does not match"):
+            check_crcs({**members, ext: b"changed"}, listed, "k", "s.tar")
