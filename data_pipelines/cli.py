@@ -6,6 +6,7 @@
     hs-scale prepare-data --from fairseq --input train_st.tsv --input dev_st.tsv --out data/mine
     hs-scale prepare-data --from nemo --input train.json --audio-tars audio_0.tar audio_1.tar --lang de --out data/n
     hs-scale prepare-data --from hf --input hf_dir --lang de --text-column sentence --out data/hf
+    hs-scale prepare-data --from lhotse --input cuts_train.jsonl.gz --input shar_dev --out data/lh
     hs-scale prepare-data --from text --src train.de --tgt train.en --lang de --tgt-lang en --out data/mt
     hs-scale prepare-data --verify --out data/asr8 [--deep]
 """
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("import (--from FORMAT; see docs/data.md)")
     g.add_argument("--from", dest="fmt", choices=FORMATS, help="import a corpus in this format instead of a recipe")
     g.add_argument("--input", action="append", default=[],
-                   help="manifest (fairseq TSV, NeMo JSON lines) or HF dataset dir; FILE=SPLIT names its split "
+                   help="manifest (fairseq TSV, NeMo JSON lines, Lhotse CutSet), HF dataset dir or Lhotse Shar dir; "
+                   "FILE=SPLIT names its split "
                    "(default: the file name up to '_', e.g. train_st.tsv -> train); repeat for several")
     g.add_argument("--lang", help="source language when the input has none")
     g.add_argument("--tgt-lang", help="target language when the input has none (default: --lang)")
