@@ -179,3 +179,48 @@ def test_data_parallel_bleu_equals_evaluate(text_corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_logged_equals_evaluate(out, tmp_path, "bleu", {"de", "fr", "en"})
     assert "dev BLEU per task" in proc.stdout
+
+
+def _tp_search_worker(rank: int, world_size: int) -> dict:
+    import copy
+    from types import SimpleNamespace
+
+    from support.models import PAD, small_s2t
+
+    from hs_scale.evaluation.search import SearchConfig, generate
+    from hs_scale.parallel.api import parallelize_model
+    from hs_scale.parallel.layout import ParallelConfig, init_parallel_groups
+    from hs_scale.training.decode_eval import TensorParallelSearchModel
+
+    parallel = ParallelConfig(tensor_parallel=2)
+    groups = init_parallel_groups(parallel, seed=0)
+    torch.manual_seed(0)
+    dense = small_s2t("group")
+    (chunk,) = parallelize_model(copy.deepcopy(dense), parallel, groups)
+    g = torch.Generator().manual_seed(3)
+    batch = SimpleNamespace(features=torch.randn(5, 14, 8, generator=g),
+                            feature_lengths=torch.tensor([14, 9, 12, 6, 14]), src_task=torch.tensor([0, 1, 2, 0, 1]),
+                            tgt_task=torch.tensor([2, 1, 0, 0, 1]), decoder_input=torch.full((5, 1), 2))
+    result = {}
+    for beam in (1, 3):
+        search = SearchConfig(beam=beam, max_len_b=8)
+        ref, got = generate(dense, batch, search), generate(TensorParallelSearchModel(chunk, groups.tp), batch, search)
+        result[beam] = {"same_tokens": ref.tokens == got.tokens, "tokens": got.tokens,
+                        "score_err": max(abs(a - b) for a, b in zip(ref.scores, got.scores, strict=True))}
+    assert PAD not in {t for row in result[1]["tokens"] for t in row}
+    return result
+
+
+@pytest.mark.slow
+def test_tensor_parallel_search_equals_one_process():
+    """TP2: both ranks run the search over their shards (logits all-gathered over TP) and pick the tokens one
+    process picks, greedy and beam 3, with the same scores up to float rounding."""
+    pytest.importorskip("megatron.core")
+    from support.harness import run_distributed
+
+    ranks = run_distributed(_tp_search_worker, 2, timeout_s=180)
+    for beam in (1, 3):
+        assert all(r[beam]["same_tokens"] for r in ranks), beam
+        assert all(r[beam]["score_err"] < 1e-4 for r in ranks), [r[beam]["score_err"] for r in ranks]
+        assert ranks[0][beam]["tokens"] == ranks[1][beam]["tokens"]
+        assert any(len(row) > 0 for row in ranks[0][beam]["tokens"])  # not only </s>
