@@ -3,6 +3,8 @@
     hs-scale evaluate --checkpoint runs/x/checkpoints/step_000010000 --split valid --beam 5 --out eval.json
     hs-scale evaluate --checkpoint-root runs/x/checkpoints --average-last 10 --metric wer --out eval.json
     hs-scale evaluate --checkpoint /abs/runs/x/checkpoints --data.manifest /data/other_corpus   # any --data.FIELD
+    hs-scale evaluate --checkpoint runs/x/checkpoints/step_000002000 --split dev --beam 1 --utterances-per-task 50
+        # = the WER/BLEU per task training logged at step 2000 (train.eval_decode_*, docs/training.md)
 
 Relative data paths stored in the checkpoint's config (data.manifest, data.tokenizer) are read from the current
 folder when they exist there, else from the folder the training ran in (the checkpoint path minus
