@@ -2,7 +2,7 @@
 accuracy on the synthetic task, on `train.eval_decode_utterances` utterances of each task of the eval split.
 
     decoder = DecodeEvaluator.build(cfg, engine, groups, split)  # None when off, or not possible on this layout
-    metrics = decoder()   # {"wer": 41.2, "wer_per_task": {"de": 39.0, ...}, "decode_utterances": 128, ...}
+    metrics = decoder()   # {"wer": avg, "wer_per_task": {"de": ..., ...}, "decode_utterances": n, "decode_s": s}
 
 Same numbers as `hs-scale evaluate --split <split> --beam B --max-len-b M --utterances-per-task N` on the
 checkpoint saved at that step: the batches are evaluate's (`eval_inputs`: the split in the order one process
@@ -161,7 +161,7 @@ class DecodeEvaluator:
 
 def summary_line(result: dict, split: str) -> str | None:
     """One line of the end-of-run summary with the last decoding scores, e.g.
-    "dev WER per task (100 utterances): de 41.20  fr 39.85  average 40.53"; None without them."""
+    "dev WER per task (150 utterances): de 41.20  fr 39.85  es 44.10  average 41.72"; None without them."""
     for metric, name in LOG_NAMES.items():
         if name in result:
             scores = " ".join(f"{task} {score:.2f} " for task, score in result[f"{name}_per_task"].items())

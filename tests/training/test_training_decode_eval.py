@@ -155,6 +155,39 @@ def test_decoding_changes_nothing_in_training(tmp_path):
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_off)
 
 
+def test_first_utterances_takes_whole_batches_until_each_task_has_n():
+    """Splits are stored task by task: the subset holds n utterances of every task, in whole batches, skips
+    padding batches and batches of tasks already full, and stops reading once every task has n."""
+    from types import SimpleNamespace
+
+    from hs_scale.evaluation.evaluate import first_utterances
+
+    def batch(*tasks, padding=False):
+        return SimpleNamespace(tgt_task=torch.tensor(tasks), is_padding=padding)
+
+    batches = [batch(0, 0, 0), batch(0, 0), batch(0, 0), batch(1, 1), batch(1, 1, padding=True), batch(1, 1),
+               batch(1, 2), batch(2, 2), batch(2, 2)]
+    read = []
+
+    def loader():  # a generator, as a corpus loader is: records how far it was read
+        for b in batches:
+            read.append(b)
+            yield b
+
+    picked = list(first_utterances(batches, 4))  # a list: its tasks are read from the batches
+    assert picked == [batches[i] for i in (0, 1, 3, 5, 6, 7, 8)]  # 5 of task 0, 4 + 1 of task 1, 5 of task 2
+    assert list(first_utterances(batches, 0)) == [b for b in batches if not b.is_padding]
+
+    class Loader:  # a corpus loader has metadata: reading stops once every task of the split has n
+        meta = SimpleNamespace(tgt_task=torch.tensor([0, 1]))
+
+        def __iter__(self):
+            return loader()
+
+    assert list(first_utterances(Loader(), 2)) == [batches[0], batches[3]]
+    assert len(read) == 5  # read up to the batch after task 1's first: then every task had 2
+
+
 def test_pipeline_parallel_and_lm_skip_decoding():
     synthetic = ROOT / "configs" / "synthetic.yaml"
     message = skip_reason(load_config(synthetic, ["--parallel.pipeline_parallel=2"]))
