@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=5, help="beam size; 1 = greedy")
     p.add_argument("--utterances-per-task", type=int, default=0, metavar="N",
                    help="decode only the first batches of the split holding N utterances of each task (0: all); "
-                        "with --split dev --beam 1 --max-len-b 200 (training's eval_decode_beam and "
-                        "eval_decode_max_len) it gives the WER/BLEU training logs for train.eval_decode_utterances=N")
+                        "with --split dev and --beam / --max-len-b set to train.eval_decode_beam / eval_decode_max_len "
+                        "it gives the WER/BLEU training logged with train.eval_decode_utterances=N")
     p.add_argument("--max-len-a", type=float, default=0.0, help="max output tokens = a * source length + b")
     p.add_argument("--max-len-b", type=int, default=200, help="see --max-len-a")
     p.add_argument("--lenpen", type=float, default=1.0, help="length penalty exponent")
