@@ -3,6 +3,8 @@
     hs-scale evaluate --checkpoint runs/x/checkpoints/step_000010000 --split valid --beam 5 --out eval.json
     hs-scale evaluate --checkpoint-root runs/x/checkpoints --average-last 10 --metric wer --out eval.json
     hs-scale evaluate --checkpoint /abs/runs/x/checkpoints --data.manifest /data/other_corpus   # any --data.FIELD
+    hs-scale evaluate --checkpoint runs/x/checkpoints/step_000002000 --split dev --beam 1 --utterances-per-task 50
+        # = the WER/BLEU per task training logged at step 2000 (train.eval_decode_*, docs/training.md)
 
 Relative data paths stored in the checkpoint's config (data.manifest, data.tokenizer) are read from the current
 folder when they exist there, else from the folder the training ran in (the checkpoint path minus
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from hs_scale.evaluation.evaluate import average_checkpoints, evaluate, write_results
+from hs_scale.evaluation.evaluate import average_checkpoints, evaluate, first_utterances, write_results
 from hs_scale.evaluation.metrics import METRICS
 
 LoadFn = Callable[..., tuple[dict, dict]]
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: accuracy for the synthetic task, wer for transcripts, bleu for translations",
     )
     p.add_argument("--beam", type=int, default=5, help="beam size; 1 = greedy")
+    p.add_argument("--utterances-per-task", type=int, default=0, metavar="N",
+                   help="decode only the first batches of the split holding N utterances of each task (0: all); "
+                        "with --split dev and --beam / --max-len-b set to train.eval_decode_beam / eval_decode_max_len "
+                        "it gives the WER/BLEU training logged with train.eval_decode_utterances=N")
     p.add_argument("--max-len-a", type=float, default=0.0, help="max output tokens = a * source length + b")
     p.add_argument("--max-len-b", type=int, default=200, help="see --max-len-a")
     p.add_argument("--lenpen", type=float, default=1.0, help="length penalty exponent")
@@ -212,19 +218,24 @@ def eval_inputs(cfg, split: str, metric: str) -> tuple[list | object, Callable[[
             raise ValueError(f"--split {split!r}: the synthetic task has the splits {sorted(task._SPLIT_SALT)}")
         n = cfg.synthetic.eval_batches * len(cfg.synthetic.rules)
         batches = [task.batch(i, split) for i in range(n)]
-        return batches, lambda ids: " ".join(map(str, ids)), "accuracy" if metric == "auto" else metric
+        return batches, lambda ids: " ".join(map(str, ids)), auto_metric(cfg) if metric == "auto" else metric
     from hs_scale.data.loader import build_loader
     from hs_scale.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.data.corpus_dir)
-    if metric == "auto":
-        if cfg.data.target == "transcript":
-            metric = "wer"
-        elif cfg.data.target == "translation" or cfg.data.modality == "text":
-            metric = "bleu"
-        else:
-            raise ValueError("data.target=auto on a speech corpus may mix ASR and ST: pass --metric wer or bleu")
+    metric = auto_metric(cfg) if metric == "auto" else metric
     return build_loader(cfg.data, split, 0, 1, tokenizer, train=False), tokenizer.decode, metric
+
+
+def auto_metric(cfg) -> str:
+    """--metric auto: accuracy for the synthetic task, wer for transcripts, bleu for translations (and text)."""
+    if cfg.synthetic is not None:
+        return "accuracy"
+    if cfg.data.target == "transcript":
+        return "wer"
+    if cfg.data.target == "translation" or cfg.data.modality == "text":
+        return "bleu"
+    raise ValueError("data.target=auto on a speech corpus may mix ASR and ST: pass --metric wer or bleu")
 
 
 def run(args: argparse.Namespace, load_fn: LoadFn | None = None) -> dict:
@@ -237,6 +248,8 @@ def run(args: argparse.Namespace, load_fn: LoadFn | None = None) -> dict:
     paths = resolve_checkpoints(args.checkpoint, args.checkpoint_root, args.average_last, verify)
     cfg, model, task_names = load_model(paths, load_fn, device, verify, overrides)
     batches, decode, metric = eval_inputs(cfg, args.split, args.metric)
+    if getattr(args, "utterances_per_task", 0):
+        batches = first_utterances(batches, args.utterances_per_task, args.group_by)
     result = evaluate(
         model,
         batches,
@@ -262,6 +275,10 @@ def main(argv: list[str] | None = None, load_fn: LoadFn | None = None) -> int:
     args, args.overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.beam < 1:
         print(f"hs-scale evaluate: --beam {args.beam} must be >= 1", file=sys.stderr)
+        return 2
+    if args.utterances_per_task < 0:
+        print(f"hs-scale evaluate: --utterances-per-task {args.utterances_per_task} must be >= 0 (0: all)",
+              file=sys.stderr)
         return 2
     from hs_scale.checkpoint import CheckpointError
 

@@ -4,6 +4,10 @@ Legend: B batch, L target length.
 
     result = evaluate(model, batches, tokenizer.decode, task_names, "wer", beam=5)
     print(result["table"]); write_results(result, "eval.json")
+
+`evaluate` is `decode_batches` (lazy, per batch) then `score_rows`; the trainer's decoding metrics
+(hs_scale.training.decode_eval) call the two separately to decode a data-parallel shard per rank and score the
+gathered rows once, so that they equal this function's result on the same batches.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -33,6 +39,97 @@ def reference_ids(target_BL: torch.Tensor, eos_id: int, pad_id: int) -> list[lis
                 ids.append(t)
         refs.append(ids)
     return refs
+
+
+def first_utterances(batches: Iterable, n: int, group_by: str = "tgt_task") -> Iterator:
+    """The non-padding batches of ``batches``, in order, that hold an utterance of a task with fewer than ``n``
+    so far: at least ``n`` utterances of every task (all of a task that has fewer), in whole batches, so each
+    decodes exactly as in a full pass over the split (every batch when ``n`` is 0). Training's decoding metrics
+    (``train.eval_decode_utterances``) and ``hs-scale evaluate --utterances-per-task`` select the same ones.
+
+    Splits are stored task by task, so a plain "first N utterances" would hold one task. Reading stops once every
+    task of the split (`split_tasks`; unknown: read to the end) has ``n``, and the loader is closed then.
+    """
+    wanted = split_tasks(batches, group_by) if n else None
+    counts: Counter = Counter()
+    it = iter(batches)
+    try:
+        for batch in it:
+            if wanted is not None and all(counts[t] >= n for t in wanted):
+                break
+            if getattr(batch, "is_padding", False):
+                continue
+            tasks = getattr(batch, group_by).tolist()
+            if n and all(counts[t] >= n for t in tasks):
+                continue
+            counts.update(tasks)
+            yield batch
+    finally:
+        if hasattr(it, "close"):  # a loader's generator: shut its workers down now
+            it.close()
+
+
+def split_tasks(batches: Iterable, group_by: str = "tgt_task") -> set[int] | None:
+    """Task ids (``group_by``) present in ``batches``: from a corpus loader's metadata, or from a list of
+    batches; None when they cannot be known without reading everything."""
+    meta = getattr(batches, "meta", None)
+    if meta is not None and hasattr(meta, group_by):
+        return set(getattr(meta, group_by).tolist())
+    if isinstance(batches, (list, tuple)):
+        return {t for b in batches if not getattr(b, "is_padding", False) for t in getattr(b, group_by).tolist()}
+    return None
+
+
+def decode_batches(
+    model: torch.nn.Module,
+    batches: Iterable,
+    tokenizer_decode: Callable[[list[int]], str],
+    task_names: list[str],
+    metric: str,
+    search: SearchConfig,
+    *,
+    group_by: str = "tgt_task",
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Iterator[list[tuple[str, str | None, Any, Any]]]:
+    """Per non-padding batch, its rows' (task name, key, hypothesis, reference): detokenised text for wer/bleu,
+    token ids for accuracy. Lazy: one batch is decoded per item taken."""
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    device = device if device is not None else next(model.parameters()).device
+    bar = tqdm(desc="decoding", unit="utt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for batch in batches:
+            if getattr(batch, "is_padding", False):
+                continue
+            batch = batch.to(device)
+            out = generate(model, batch, search)
+            tasks = getattr(batch, group_by).tolist()
+            batch_keys = list(getattr(batch, "keys", None) or [None] * len(tasks))
+            rows = []
+            for task, key, hyp, ref in zip(tasks, batch_keys, out.tokens, reference_ids(batch.target, eos, pad),
+                                           strict=True):
+                if metric != "accuracy":
+                    hyp, ref = tokenizer_decode(hyp), tokenizer_decode(ref)
+                rows.append((task_names[task], key, hyp, ref))
+            bar.update(len(tasks))
+            yield rows
+    finally:
+        bar.close()
+
+
+def score_rows(metric: str, rows: Iterable[tuple[str, str | None, Any, Any]], task_names: list[str]) -> dict:
+    """`score_per_task` of (task, key, hyp, ref) rows (from `decode_batches`), tasks in vocabulary order, plus
+    "total_sentences" and the rows grouped per task under "_outputs" ({task: [(key, hyp, ref)]})."""
+    grouped: dict[str, list] = {}
+    for task, key, hyp, ref in rows:
+        grouped.setdefault(task, []).append((key, hyp, ref))
+    # Report tasks in vocabulary order, whatever order the batches came in.
+    grouped = {n: grouped[n] for n in task_names if n in grouped}
+    result = score_per_task(metric, {n: [h for _, h, _ in v] for n, v in grouped.items()},
+                            {n: [r for _, _, r in v] for n, v in grouped.items()})
+    result["total_sentences"] = sum(result["num_sentences"].values())
+    result["_outputs"] = grouped
+    return result
 
 
 def evaluate(
@@ -70,35 +167,11 @@ def evaluate(
     if group_by not in ("tgt_task", "src_task"):
         raise ValueError(f"group_by={group_by!r}: use 'tgt_task' or 'src_task'")
     cfg = SearchConfig(beam=beam, max_len_a=max_len_a, max_len_b=max_len_b, length_penalty=length_penalty)
-    eos, pad = model.config.eos_token_id, model.config.pad_token_id
-    device = device if device is not None else next(model.parameters()).device
-    hyps: dict[str, list] = {}
-    refs: dict[str, list] = {}
-    keys: dict[str, list] = {}
     start = time.perf_counter()
-    bar = tqdm(desc="decoding", unit="utt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for batch in batches:
-        if getattr(batch, "is_padding", False):
-            continue
-        batch = batch.to(device)
-        out = generate(model, batch, cfg)
-        tasks = getattr(batch, group_by).tolist()
-        batch_keys = list(getattr(batch, "keys", None) or [None] * len(tasks))
-        for task, key, hyp, ref in zip(tasks, batch_keys, out.tokens, reference_ids(batch.target, eos, pad),
-                                       strict=True):
-            name = task_names[task]
-            if metric != "accuracy":
-                hyp, ref = tokenizer_decode(hyp), tokenizer_decode(ref)
-            hyps.setdefault(name, []).append(hyp)
-            refs.setdefault(name, []).append(ref)
-            keys.setdefault(name, []).append(key)
-        bar.update(len(tasks))
-    bar.close()
-    # Report tasks in vocabulary order, whatever order the batches came in.
-    order = [n for n in task_names if n in hyps]
-    hyps, refs = {n: hyps[n] for n in order}, {n: refs[n] for n in order}
-    result = score_per_task(metric, hyps, refs)
-    result["total_sentences"] = sum(result["num_sentences"].values())
+    decoded = decode_batches(model, batches, tokenizer_decode, task_names, metric, cfg, group_by=group_by,
+                             device=device, progress=progress)
+    result = score_rows(metric, (row for rows in decoded for row in rows), task_names)
+    outputs = result.pop("_outputs")
     result["search"] = {
         "beam": beam,
         "max_len_a": max_len_a,
@@ -109,10 +182,7 @@ def evaluate(
     result["wall_s"] = time.perf_counter() - start
     result["table"] = format_results(result)
     if keep_outputs:
-        result["outputs"] = {
-            n: [{"key": k, "hyp": h, "ref": r} for k, h, r in zip(keys[n], hyps[n], refs[n], strict=True)]
-            for n in order
-        }
+        result["outputs"] = {n: [{"key": k, "hyp": h, "ref": r} for k, h, r in rows] for n, rows in outputs.items()}
     return result
 
 

@@ -68,6 +68,19 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between evaluations (0: only at the end)."""
 
+    eval_decode_utterances: int = 50
+    """Each evaluation also decodes this many utterances of each task (the first batches of the eval split that
+    hold them) and logs WER (ASR) or BLEU (ST, MT) per task (exact-match accuracy on the synthetic task),
+    computed by `hs-scale evaluate`'s search and metrics: `hs-scale evaluate --split dev --beam B --max-len-b M
+    --utterances-per-task N` on the checkpoint of that step gives the same numbers. 0: off. Not under pipeline
+    parallelism, nor for arch lm (perplexity only); see docs/training.md."""
+
+    eval_decode_beam: int = 1
+    """Beam size of those decodes (1: greedy; the paper's final numbers use 5 with `hs-scale evaluate`)."""
+
+    eval_decode_max_len: int = 200
+    """At most this many tokens per decoded utterance (`hs-scale evaluate --max-len-b`, with --max-len-a 0)."""
+
     wandb: str = "off"
     """Weights & Biases logging on rank 0: "off", "offline" (run files under <output_dir>/wandb, no network;
     `wandb sync <dir>` uploads them later) or "online" (needs `wandb login` or WANDB_API_KEY in the environment,
@@ -144,6 +157,10 @@ class TrainConfig:
             raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.threads < 0:
             raise ValueError("train.warmup_steps, eval_every, save_every and threads must be >= 0")
+        if self.eval_decode_utterances < 0 or self.eval_decode_max_len < 1 or self.eval_decode_beam < 1:
+            raise ValueError(f"train.eval_decode_utterances={self.eval_decode_utterances} must be >= 0 (0: off), "
+                             f"eval_decode_beam={self.eval_decode_beam} and eval_decode_max_len="
+                             f"{self.eval_decode_max_len} >= 1")
         for name, low, high, valid in (("lr", 0, math.inf, "> 0"), ("eps", 0, math.inf, "> 0"),
                                        ("weight_decay", 0, math.inf, ">= 0"), ("clip_norm", 0, math.inf, ">= 0"),
                                        ("selector_lr_scale", 0, math.inf, "> 0"),

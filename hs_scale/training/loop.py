@@ -107,8 +107,10 @@ class Preempted(Exception):
 class Trainer:
     def __init__(self, train_cfg: TrainConfig, selection_cfg: SelectionConfig, engine: Engine, source: BatchSource,
                  logger: MetricsLogger | None, checkpoints: Checkpointer | None, config_dict: dict, is_main: bool,
-                 groups: ParallelGroups | None = None, on_checkpoint: Callable[[str, int, dict], None] | None = None):
+                 groups: ParallelGroups | None = None, on_checkpoint: Callable[[str, int, dict], None] | None = None,
+                 decoder: Callable[[], dict] | None = None):
         self.cfg, self.selection_cfg, self.engine, self.source = train_cfg, selection_cfg, engine, source
+        self.decoder = decoder  # decoding metrics (hs_scale.training.decode_eval), called on every rank
         self.logger, self.checkpoints, self.config_dict = logger, checkpoints, config_dict
         self.is_main, self.groups, self.on_checkpoint = is_main, groups, on_checkpoint
         self.task_names = source.task_names
@@ -194,8 +196,11 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict:
-        """Teacher-forced nll / accuracy on the eval split (deterministic selection), selection changes, heatmap."""
+        """Teacher-forced nll / accuracy on the eval split (deterministic selection), decoding metrics (WER / BLEU
+        per task, when the run has a decoder), selection changes, heatmap."""
         result = self.engine.evaluate(self.source.eval_batches(), self.task_names)
+        if self.decoder is not None:
+            result.update(self.decoder())
         table = self.engine.selection_table()
         if table is not None:
             result["selection_changes"] = count_changes(self.last_table, table)

@@ -32,6 +32,7 @@ from hs_scale.config import ConfigError
 SAFE_ON_RESUME = {
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.threads",
     "train.progress_bar", "train.wandb", "train.wandb_project",
+    "train.eval_decode_utterances", "train.eval_decode_beam", "train.eval_decode_max_len",
     "train.on_corrupt", "train.resume", "train.allow_config_change", "train.init_from",
     "train.force_unlock", "train.peak_tflops", "train.output_dir", "train.device", "train.max_nonfinite_steps",
     "data.manifest", "data.tokenizer", "data.num_workers", "data.prefetch_factor", "data.worker_start_method",

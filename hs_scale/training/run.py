@@ -23,6 +23,7 @@ from hs_scale.models import build_model
 from hs_scale.seeding import seed_everything
 from hs_scale.selection.selector import format_selection_table
 from hs_scale.training.data_source import build_source
+from hs_scale.training.decode_eval import DecodeEvaluator, skip_reason, summary_line
 from hs_scale.training.distributed import init_distributed
 from hs_scale.training.engine import StepEngine
 from hs_scale.training.loop import Trainer
@@ -109,11 +110,16 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
         load_init_weights(*plan.init, engine.checkpoint_model, groups, cfg, num_tasks)
     if plan.init and env.is_main:
         print(f"initialised from {plan.init[1]} (step 0, new optimizer)", flush=True)
+    split = getattr(source, "eval_split", "valid")
+    skipped = skip_reason(cfg)
+    if skipped and env.is_main:
+        print(skipped, flush=True)
+    decoder = DecodeEvaluator.build(cfg, engine, groups, split, source.task_names)
     seed_everything(cfg.train.seed + 1000 * dp_rank)  # different dropout masks per replica
     logger = (MetricsLogger(out, wandb=cfg.train.wandb, wandb_project=cfg.train.wandb_project, config=cfg.to_dict())
               if env.is_main else None)
     trainer = Trainer(cfg.train, cfg.selection, engine, source, logger, checkpoints,
-                      cfg.to_dict(), env.is_main, groups, on_checkpoint)
+                      cfg.to_dict(), env.is_main, groups, on_checkpoint, decoder)
     if plan.resume:
         trainer.restore(plan.resume, verify=False)  # start_plan verified it
     result = trainer.fit()
@@ -125,6 +131,9 @@ def _train(cfg: Config, env, out: Path, world, on_checkpoint, resume_from: str |
             (out / "selection.txt").write_text(text + "\n")
             print(text)
             written += ["selection.txt", "heatmaps/"]
+        decoded = summary_line(result, split)
+        if decoded:
+            print(decoded)
         (out / "result.json").write_text(json.dumps(result, indent=2))
         if logger.tb_writer is not None:
             written.append("tensorboard/")
