@@ -2,7 +2,9 @@
 one process logs, for the encoder-decoder (arch text, synthetic task) and the decoder-only LM (arch lm, packed
 multilingual documents, GQA head selection, tied embeddings): the loss curve with the KL prior on
 (selection.kl_weight > 0), the per-task losses, the final evaluation per task, the selection table and its heatmap.
-With train.weight_decay > 0, AdamW decays no selector logit, bias or norm on any layout.
+The final checkpoint loads at the layout that saved it (a freshly initialised engine evaluates as the run did) and
+consolidates in one process into the single-device model holding the one-process weights. With
+train.weight_decay > 0, AdamW decays no selector logit, bias or norm on any layout.
 """
 
 from __future__ import annotations
@@ -72,9 +74,29 @@ def _worker(rank: int, world_size: int, run: dict, out: str, tp: int, pp: int) -
 
     cfg = _config(run, out, tp, pp)
     result = train(cfg)
+    reloaded = _reload_and_evaluate(cfg, run["tasks"])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.selection, num_tasks=run["tasks"])
-    return {"result": result, "decay": _decay_check(parallelize_model(model, cfg.parallel, current_groups()), cfg)}
+    return {"result": result, "reloaded": reloaded,
+            "decay": _decay_check(parallelize_model(model, cfg.parallel, current_groups()), cfg)}
+
+
+def _reload_and_evaluate(cfg, num_tasks: int) -> dict:
+    """A fresh engine at this layout (another init) loads the run's final checkpoint; its evaluation per task."""
+    from hs_scale.checkpoint import CheckpointManager
+    from hs_scale.models import build_model
+    from hs_scale.parallel.layout import current_groups
+    from hs_scale.training.data_source import build_source
+    from hs_scale.training.engine import StepEngine
+
+    groups = current_groups()
+    torch.manual_seed(1)
+    model = build_model(cfg.model, cfg.selection, num_tasks=num_tasks)
+    engine = StepEngine(model, cfg.train, cfg.selection, cfg.parallel, groups, num_tasks, torch.device("cpu"))
+    CheckpointManager(Path(cfg.train.output_dir) / "checkpoints").load_latest(
+        engine.checkpoint_model, engine.optimizer, groups=groups)
+    source = build_source(cfg.data, cfg.synthetic, groups.dp_rank, groups.dp_size, cfg.train.grad_accum)
+    return engine.evaluate(source.eval_batches(), source.task_names)["nll_per_task"]
 
 
 def _train_log(out: Path) -> list[dict]:
@@ -147,6 +169,7 @@ def test_layout_logs_what_one_process_logs(single, tmp_path, tp, pp):
     heatmaps = sorted(p.name for p in (tmp_path / "heatmaps").glob("*.png"))
     assert heatmaps == sorted(p.name for p in (single / "heatmaps").glob("*.png")) and heatmaps
     assert (tmp_path / "heatmaps" / heatmaps[-1]).read_bytes() == (single / "heatmaps" / heatmaps[-1]).read_bytes()
+    assert ranks[0]["reloaded"] == pytest.approx(final["nll_per_task"], rel=1e-6)  # loads at its own layout
     _check_checkpoint_reshards(run, single, tmp_path)
     for r in ranks:  # every rank's chunks: selector slices and 1-d parameters in the no-decay group
         assert r["decay"]["no_decay_kept"] and r["decay"]["matrices_decayed"], r["decay"]
