@@ -106,16 +106,26 @@ def run_pipeline_schedule(wrapped: list, modules: list[ModelChunk], microbatches
         for m in modules:
             m.p2p_shape = shape
     iters = [iter(microbatches) for _ in wrapped]
-    return get_forward_backward_func()(
-        forward_step_func=lambda data_iterator, model: forward_step(next(data_iterator), model),
-        data_iterator=iters if len(iters) > 1 else iters[0],
-        model=wrapped if len(wrapped) > 1 else wrapped[0],
-        num_microbatches=len(microbatches),
-        # megatron's (seq, batch, hidden) p2p shape; our tensors are [B, N, D], the names do not matter.
-        seq_length=shape[0],
-        micro_batch_size=shape[1],
-        forward_only=forward_only,
-    )
+    config, M = modules[0].config, len(microbatches)
+    group = config.microbatch_group_size_per_vp_stage
+    if forward_only and len(wrapped) > 1 and M % group:
+        # megatron's interleaved schedule refuses a last micro-batch group smaller than pp, and an evaluation has
+        # whatever number of batches its set gives (training's is a multiple of pp: validate_layout). Forward
+        # only, one group of all M micro-batches (each chunk runs them all, then the next) is as valid an order.
+        config.microbatch_group_size_per_vp_stage = M
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=lambda data_iterator, model: forward_step(next(data_iterator), model),
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=wrapped if len(wrapped) > 1 else wrapped[0],
+            num_microbatches=M,
+            # megatron's (seq, batch, hidden) p2p shape; our tensors are [B, N, D], the names do not matter.
+            seq_length=shape[0],
+            micro_batch_size=shape[1],
+            forward_only=forward_only,
+        )
+    finally:
+        config.microbatch_group_size_per_vp_stage = group
 
 
 def sync_shared_embedding(modules: list[ModelChunk], groups: ParallelGroups) -> None:

@@ -26,12 +26,16 @@ OVERRIDES = ["--train.steps=3", "--train.log_every=1", "--train.eval_every=0", "
              "--train.progress_bar=false", "--train.threads=1", "--train.grad_accum=2", "--train.lr=3e-3",
              "--train.weight_decay=0.1", "--train.label_smoothing=0.1", "--selection.kl_weight=0.05"]
 TEXT = ["--model.d_model=32", "--model.ffn_dim=64", "--synthetic.batch_size=8", "--synthetic.eval_batches=1"]
-# The LM: 4 query slots over 2 KV heads (one per TP rank), r = 2 candidates, 2 layers (one per stage), rows
+# The LM: 4 query slots over 2 KV heads (one per TP rank), r = 2 candidates, 4 layers, tied embeddings, rows
 # packing documents of several languages.
-LM = ["--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_layers=2", "--model.num_heads=4",
+LM = ["--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_layers=4", "--model.num_heads=4",
       "--model.num_kv_heads=2", "--model.attention_backend=sdpa", "--data.seq_len=32",
       "--data.max_tokens_per_batch=128", "--data.num_workers=0"]
 SELECTORS = {"text": 3, "lm": 1}  # selectors of one model: encoder, decoder, cross / the LM's decoder_self
+# The LM's TP2 x PP2 run is interleaved (2 virtual chunks per stage, one layer each): TP x PP and the interleaved
+# schedule in one run, whose final evaluation (3 batches, not a multiple of pp) also checks forward-only
+# interleaving. The encoder-decoders' interleaved pipeline is tested in tests/parallel/test_parallel_pipeline.py.
+VIRTUAL = {("lm", 2, 2): 2}
 
 
 def _config(run: dict, out: str, tp: int = 1, pp: int = 1):
@@ -39,6 +43,8 @@ def _config(run: dict, out: str, tp: int = 1, pp: int = 1):
     from hs_scale.config import load_config
 
     layout = [f"--parallel.tensor_parallel={tp}", f"--parallel.pipeline_parallel={pp}"]
+    if (run["arch"], tp, pp) in VIRTUAL:
+        layout.append(f"--parallel.virtual_pipeline={VIRTUAL[run['arch'], tp, pp]}")
     if run["arch"] == "text":
         return load_config("configs/synthetic.yaml", [*OVERRIDES, *TEXT, f"--train.output_dir={out}", *layout])
     data = [f"--data.manifest={run['corpus']}", f"--model.vocab_size={run['vocab']}"]
