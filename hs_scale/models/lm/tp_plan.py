@@ -12,8 +12,9 @@ The pool layout (hs_scale.selection.gqa) keeps everything a KV head needs contig
     because every partition of the pool is one KV head's candidates: selection needs no communication.
   * MLP: gate_proj / up_proj rows (column-parallel), down_proj columns (row-parallel);
     embed_tokens / lm_head: vocabulary rows (vocab-parallel); norms replicated.
-``shard_state_dict`` applies this plan (checkpoint resharding, tests); the parallel wrappers live in
-hs_scale/parallel.
+``shard_state_dict`` applies this plan to a state dict (tests); the trainer's TP shards are made by
+hs_scale/parallel/tp_model.py (`parallelize_tensor`: megatron column/row-parallel linears) and its pipeline stages
+by hs_scale/parallel/lm_pipeline.py (vocab-parallel embedding, LM head and loss).
 """
 
 from __future__ import annotations
