@@ -27,6 +27,7 @@ from hs_scale.data.config import DataConfig
 from hs_scale.data.synthetic import SyntheticConfig
 from hs_scale.models.config import ModelConfig
 from hs_scale.models.lm.config import LMConfig
+from hs_scale.models.lm.tp_plan import check_tensor_parallel
 from hs_scale.models.registry import MODEL_SPECS
 from hs_scale.parallel.layout import ParallelConfig, padded_vocab_size, validate_layout
 from hs_scale.selection.config import SelectionConfig
@@ -89,9 +90,10 @@ class Config:
                 raise ConfigError(f"parallel.engine={p.engine!r} with tensor/pipeline parallelism is not supported "
                                   "by the trainer; use parallel.engine=megatron_ddp (ZeRO runs with tp=pp=1)")
         lm = self.model.arch == "lm"
-        if lm and p.model_parallel > 1:
-            raise ConfigError("parallel.tensor_parallel / pipeline_parallel > 1 is not wired into the trainer for "
-                              "model.arch=lm yet; train the LM with data parallelism (tp = pp = 1)")
+        if lm:  # the LM's TP plan: a rank owns whole KV heads (hs_scale/models/lm/tp_plan.py)
+            problems = check_tensor_parallel(self.model, p.tensor_parallel)
+            if problems:
+                raise ConfigError("; ".join(problems))
         try:
             validate_layout(
                 p,
@@ -100,7 +102,7 @@ class Config:
                 pool_heads=self.selection.pool_heads if self.selection.enabled else self.model.num_heads,
                 encoder_layers=0 if lm else self.model.encoder_layers,
                 decoder_layers=self.model.num_layers if lm else self.model.decoder_layers,
-                ffn_dim=self.model.intermediate_size if lm else self.model.ffn_dim,
+                ffn_dim=None if lm else self.model.ffn_dim,  # the LM's intermediate_size: check_tensor_parallel
                 vocab_size=padded_vocab_size(self.model.vocab_size, p.tensor_parallel),
                 strategy=self.selection.strategy,
                 num_microbatches=self.train.grad_accum,

@@ -67,14 +67,17 @@ def modules_of(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
     return [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
 
 
-def _layer_offsets(model: nn.Module | list[nn.Module]) -> dict[str, int]:
-    """{parameter name: global index of its row 0 along dim 1} for selector logits (phi [K, L, P])."""
-    out = {}
-    for prefix, module in (item for m in modules_of(model) for item in m.named_modules()):
-        if isinstance(module, HeadSelector):
-            name = f"{prefix}.logits" if prefix else "logits"
-            out[name] = getattr(module.logits, "layer_offset", module.first_layer)
-    return out
+def _layer_offsets(model: nn.Module | list[nn.Module]) -> dict[int, int]:
+    """{id(selector logits): global index of its row 0 along dim 1} (phi [K, L, P]).
+
+    Keyed by tensor, not by name: a rank holding several chunks of an interleaved pipeline has one
+    `selector.logits` (LM) or `selectors.<site>.logits` per chunk, each with its own first layer."""
+    return {
+        id(module.logits): getattr(module.logits, "layer_offset", module.first_layer)
+        for m in modules_of(model)
+        for module in m.modules()
+        if isinstance(module, HeadSelector)
+    }
 
 
 def _entries(key: str, tensor: Tensor, param: Tensor | None, layer_offset: int | None, tp: TPContext) -> list[Entry]:
@@ -103,12 +106,12 @@ def model_entries(model: nn.Module, tp: TPContext) -> list[list[Entry]]:
     """Per live tensor, its entries under each alias name: [[entries of name 1], [entries of name 2], ...]."""
     mods = modules_of(model)
     offsets = _layer_offsets(mods)
-    params = {n: p for m in mods for n, p in m.named_parameters(remove_duplicate=False)}
+    params = {id(p): p for m in mods for p in m.parameters()}
     tensors = {id(t): t for m in mods for t in m.state_dict(keep_vars=True).values() if isinstance(t, Tensor)}
     groups = []
     for tid, names in _aliases(model).items():
         t = tensors[tid].detach()
-        groups.append([_entries(f"model.{n}", t, params.get(n), offsets.get(n), tp) for n in names])
+        groups.append([_entries(f"model.{n}", t, params.get(tid), offsets.get(tid), tp) for n in names])
     return groups
 
 
@@ -121,7 +124,7 @@ def optimizer_entries(optimizer: torch.optim.Optimizer, model: nn.Module, tp: TP
         for state_name, value in optimizer.state.get(p, {}).items():
             if isinstance(value, Tensor):
                 groups.append(
-                    [_entries(f"optim.{state_name}.{n}", value.detach(), p, offsets.get(n), tp) for n in names]
+                    [_entries(f"optim.{state_name}.{n}", value.detach(), p, offsets.get(id(p)), tp) for n in names]
                 )
     return groups
 
@@ -210,8 +213,9 @@ def load_full(model: nn.Module | list[nn.Module], full: dict[str, Tensor], tp: T
     """Copy a single-device state dict (an import-hf model, load_full_model_state) into a model of any TP x PP
     layout: each rank takes its TP shard and its pipeline stage's layers, exactly as from a checkpoint."""
     flat = {f"model.{name}": t for name, t in full.items()}
-    for name in _layer_offsets(model):  # selector logits [K, L, P] are addressed one global layer at a time
-        if name in full:
+    aliases = _aliases(model)
+    for name in (n for tid in _layer_offsets(model) for n in aliases.get(tid, [])):
+        if name in full:  # selector logits [K, L, P] are addressed one global layer at a time
             flat.update({f"model.{name}.layer_{g:04d}": full[name].select(1, g) for g in range(full[name].shape[1])})
     missing = []
     for per_alias in model_entries(model, tp):
@@ -257,7 +261,7 @@ def want_optimizer(loader: Loader, optimizer: torch.optim.Optimizer, model: nn.M
     for index, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
         for s in state_names:
             for n in _param_names(p, aliases):
-                buf = _alloc(loader, s, n, p, offsets.get(n))
+                buf = _alloc(loader, s, n, p, offsets.get(id(p)))
                 if buf is not None:
                     state.setdefault(index, {})[s] = buf
                     break

@@ -138,6 +138,10 @@ def load_lm(path: str | Path, verify: bool = True) -> tuple[LMModel, list[str], 
 
     tasks = task_names_of(config, None)
     model = LMModel(LMConfig(**config["model"]), SelectionConfig(**config.get("selection", {})), len(tasks))
+    vocab = model.config.vocab_size
+    for name in ("embed_tokens.weight", "lm_head.weight"):  # a TP run pads the vocabulary (padded_vocab_size)
+        if name in state and state[name].shape[0] > vocab:
+            state[name] = state[name][:vocab]
     model.load_state_dict(state, strict=True)
     return model.eval(), tasks, config
 

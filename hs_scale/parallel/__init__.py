@@ -7,7 +7,9 @@ CPU shim megatron-core needs without CUDA, and the megatron glue the step engine
     tp_model.py      parallelize_tensor(model, groups): swap a built model's attention/selectors/FFN for TP shards
     data_parallel.py wrap_megatron_ddp / wrap_deepspeed: megatron-core DDP or DeepSpeed ZeRO 0/1/2 (one switch)
     vocab.py         vocab-parallel token embedding / LM head / label-smoothed cross-entropy (padded vocab)
-    pipeline.py      PipelineChunk: contiguous cuts of encoder-then-decoder layers; global_state_dict_layout
+    pipeline.py      ModelChunk (what every family's chunk shares); PipelineChunk: contiguous cuts of
+                     encoder-then-decoder layers; global_state_dict_layout
+    lm_pipeline.py   LMPipelineChunk: contiguous cuts of the decoder-only LM's layers (TP and PP)
     api.py           parallelize_model, run_pipeline_schedule, sync_shared_embedding, clip_grad_norm
 
 Nothing here is imported by the single-device model code; megatron-core is imported lazily by the modules that

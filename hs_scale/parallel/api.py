@@ -23,8 +23,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hs_scale.parallel.layout import ParallelConfig, ParallelGroups, padded_vocab_size
-from hs_scale.parallel.pipeline import PipelineChunk, embedding_chunks
+from hs_scale.parallel.layout import ParallelConfig, ParallelGroups
+from hs_scale.parallel.pipeline import ModelChunk, PipelineChunk
+
+
+def _chunk_class(model_cfg) -> type[ModelChunk]:
+    """The pipeline chunk of a model family: the LM's (lm_pipeline.py) or the encoder-decoders'."""
+    if model_cfg.arch == "lm":
+        from hs_scale.parallel.lm_pipeline import LMPipelineChunk
+
+        return LMPipelineChunk
+    return PipelineChunk
 
 
 def megatron_config(model_cfg, parallel_cfg: ParallelConfig):
@@ -33,9 +42,10 @@ def megatron_config(model_cfg, parallel_cfg: ParallelConfig):
 
     vp = parallel_cfg.virtual_pipeline if (parallel_cfg.virtual_pipeline or 1) > 1 else None
     dtype = torch.bfloat16 if parallel_cfg.bf16 else torch.float32
+    lm = model_cfg.arch == "lm"
     return TransformerConfig(
-        num_layers=model_cfg.encoder_layers + model_cfg.decoder_layers,
-        hidden_size=model_cfg.d_model,
+        num_layers=model_cfg.num_layers if lm else model_cfg.encoder_layers + model_cfg.decoder_layers,
+        hidden_size=model_cfg.hidden_size if lm else model_cfg.d_model,
         num_attention_heads=model_cfg.num_heads,
         tensor_model_parallel_size=parallel_cfg.tensor_parallel,
         pipeline_model_parallel_size=parallel_cfg.pipeline_parallel,
@@ -67,9 +77,10 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, groups: Pa
     parallelize_tensor(model, groups)
     tconfig = megatron_config(cfg, parallel_cfg)
     vp = parallel_cfg.virtual_pipeline or 1
+    chunk_class = _chunk_class(cfg)
     chunks = []
     for v in range(vp):
-        chunk = PipelineChunk(
+        chunk = chunk_class(
             model, v * groups.pp_size + groups.pp_rank, vp * groups.pp_size, groups, tconfig, v if vp > 1 else None
         )
         chunk.label_smoothing = label_smoothing
@@ -77,7 +88,7 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, groups: Pa
     return chunks
 
 
-def run_pipeline_schedule(wrapped: list, modules: list[PipelineChunk], microbatches: list, forward_step: Callable,
+def run_pipeline_schedule(wrapped: list, modules: list[ModelChunk], microbatches: list, forward_step: Callable,
                           forward_only: bool) -> list:
     """Every micro-batch through megatron-core's schedule for this layout (1F1B, interleaved); the reports the
     last stage's loss functions returned, in micro-batch order (empty on other stages).
@@ -90,41 +101,40 @@ def run_pipeline_schedule(wrapped: list, modules: list[PipelineChunk], microbatc
 
     shape = (1, 1)  # ignored with variable_seq_lengths
     if not modules[0].config.variable_seq_lengths:
-        from hs_scale.parallel.pipeline import source_length
-
-        cfg = modules[0].model_config
-        shape = (
-            max(mb.decoder_input.shape[0] for mb in microbatches),
-            max(source_length(cfg, mb) + mb.decoder_input.shape[1] for mb in microbatches),
-        )
+        extents = [modules[0].p2p_extent(mb) for mb in microbatches]
+        shape = (max(b for b, _ in extents), max(n for _, n in extents))
         for m in modules:
             m.p2p_shape = shape
     iters = [iter(microbatches) for _ in wrapped]
-    return get_forward_backward_func()(
-        forward_step_func=lambda data_iterator, model: forward_step(next(data_iterator), model),
-        data_iterator=iters if len(iters) > 1 else iters[0],
-        model=wrapped if len(wrapped) > 1 else wrapped[0],
-        num_microbatches=len(microbatches),
-        # megatron's (seq, batch, hidden) p2p shape; our tensors are [B, N, D], the names do not matter.
-        seq_length=shape[0],
-        micro_batch_size=shape[1],
-        forward_only=forward_only,
-    )
+    config, M = modules[0].config, len(microbatches)
+    group = config.microbatch_group_size_per_vp_stage
+    if forward_only and len(wrapped) > 1 and M % group:
+        # megatron's interleaved schedule refuses a last micro-batch group smaller than pp, and an evaluation has
+        # whatever number of batches its set gives (training's is a multiple of pp: validate_layout). Forward
+        # only, one group of all M micro-batches (each chunk runs them all, then the next) is as valid an order.
+        config.microbatch_group_size_per_vp_stage = M
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=lambda data_iterator, model: forward_step(next(data_iterator), model),
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=wrapped if len(wrapped) > 1 else wrapped[0],
+            num_microbatches=M,
+            # megatron's (seq, batch, hidden) p2p shape; our tensors are [B, N, D], the names do not matter.
+            seq_length=shape[0],
+            micro_batch_size=shape[1],
+            forward_only=forward_only,
+        )
+    finally:
+        config.microbatch_group_size_per_vp_stage = group
 
 
-def sync_shared_embedding(modules: list[PipelineChunk], groups: ParallelGroups) -> None:
+def sync_shared_embedding(modules: list[ModelChunk], groups: ParallelGroups) -> None:
     """Sum the gradient (main_grad) of the embedding copies held by several chunks (tied head / text encoder)."""
-    cfg = modules[0].model_config
-    held = embedding_chunks(cfg.arch, cfg.tie_embeddings, cfg.encoder_layers, cfg.decoder_layers,
-                            modules[0].num_chunks)
+    held = modules[0].embedding_chunks
     if len(held) < 2:
         return
-    grads = [m.decoder.embed_tokens.weight.main_grad for m in modules if m.chunk in held]
-    if grads:
-        total = torch.zeros_like(grads[0])
-    else:
-        Vl = padded_vocab_size(cfg.vocab_size, groups.tp_size) // groups.tp_size
-        total = torch.zeros(Vl, cfg.d_model)
+    grads = [m.token_embedding.weight.main_grad for m in modules if m.chunk in held]
+    total = torch.zeros_like(grads[0]) if grads else torch.zeros(modules[0].embedding_shape)
     for g in grads:
         total += g
     if len({c % groups.pp_size for c in held}) > 1:
@@ -140,10 +150,8 @@ def clip_grad_norm(modules: list[nn.Module], groups: ParallelGroups | None, clip
     of several pipeline chunks once (on the first chunk holding one). A replicated model is the case tp = pp = 1.
     """
     owner = None
-    if isinstance(modules[0], PipelineChunk):
-        cfg = modules[0].model_config
-        owner = min(embedding_chunks(cfg.arch, cfg.tie_embeddings, cfg.encoder_layers, cfg.decoder_layers,
-                                     modules[0].num_chunks))
+    if isinstance(modules[0], ModelChunk):
+        owner = min(modules[0].embedding_chunks)
     tp_rank = 0 if groups is None else groups.tp_rank
     grads, counted = [], []
     for m in modules:

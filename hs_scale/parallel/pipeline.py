@@ -84,7 +84,49 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-class PipelineChunk(nn.Module):
+class ModelChunk(nn.Module):
+    """What every model family's pipeline chunk shares: megatron's hooks and the stage model's registration.
+
+    A subclass builds `stage` (a shallow copy of the model holding only the chunk's modules) and calls `_adopt`;
+    it sets `embedding_chunks` (the chunks holding a copy of the token embedding), `embedding_shape` (this TP
+    rank's [Vl, D] shard of it) and defines `token_embedding` and `p2p_extent(batch)` (the (B, N) of the p2p
+    tensor a fixed-shape schedule pads to), which hs_scale.parallel.api reads.
+    """
+
+    chunk: int
+    num_chunks: int
+    embedding_chunks: set[int]
+    embedding_shape: tuple[int, int]
+
+    def _adopt(self, stage: nn.Module, full: nn.Module) -> None:
+        # NOTE: the stage model itself is kept out of the module tree (object.__setattr__) and its children are
+        # registered here instead: the keys stay `encoder.layers.3...`, not `model.encoder.layers.3...`.
+        object.__setattr__(self, "model", stage)
+        for name, child in stage.named_children():
+            self.add_module(name, child)
+        self.train(full.training)
+
+    @property
+    def token_embedding(self) -> nn.Module | None:
+        raise NotImplementedError
+
+    def p2p_extent(self, batch) -> tuple[int, int]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ megatron hooks
+    def set_input_tensor(self, tensor) -> None:
+        """Called by megatron's schedules with the received p2p tensor (a one-element list; None on chunk 0)."""
+        self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+
+    def set_selection_temperature(self, tau: float) -> None:
+        self.model.set_selection_temperature(tau)
+
+    def train(self, mode: bool = True):
+        self.model.training = mode  # the model object is not a registered child (see _adopt)
+        return super().train(mode)
+
+
+class PipelineChunk(ModelChunk):
     """One model chunk: forward(batch) -> the p2p tensor, or (last chunk) a dict of loss sums.
 
     `self.model` is the single-device model (already TP-sharded by `parallelize_tensor`) with the modules this
@@ -109,13 +151,10 @@ class PipelineChunk(nn.Module):
         self.input_tensor: Tensor | None = None
         self.p2p_shape: tuple[int, int] | None = None  # (B, N) fixed p2p shape, or None for variable lengths
         self.label_smoothing = 0.0
-        stage = self._stage_model(full)
-        # NOTE: the stage model itself is kept out of the module tree (object.__setattr__) and its children are
-        # registered here instead: the keys stay `encoder.layers.3...`, not `model.encoder.layers.3...`.
-        object.__setattr__(self, "model", stage)
-        for name, child in stage.named_children():
-            self.add_module(name, child)
-        self.train(full.training)
+        self.embedding_chunks = embedding_chunks(cfg.arch, cfg.tie_embeddings, cfg.encoder_layers,
+                                                 cfg.decoder_layers, num_chunks)
+        self.embedding_shape = (padded_vocab_size(cfg.vocab_size, groups.tp_size) // groups.tp_size, cfg.d_model)
+        self._adopt(self._stage_model(full), full)
 
     def _stage_model(self, full: nn.Module) -> nn.Module:
         """A shallow copy of `full` holding only this chunk's modules (the others None, torchtitan style)."""
@@ -133,7 +172,7 @@ class PipelineChunk(nn.Module):
         if not self.starts_decoder:
             decoder.embed_positions = None
         padded = padded_vocab_size(cfg.vocab_size, groups.tp_size)
-        held = embedding_chunks(cfg.arch, cfg.tie_embeddings, cfg.encoder_layers, cfg.decoder_layers, self.num_chunks)
+        held = self.embedding_chunks
         decoder.embed_tokens = None
         if self.chunk in held:
             emb = vocab_parallel_embedding(cfg.vocab_size, padded, cfg.d_model, cfg.pad_token_id, groups.tp)
@@ -157,17 +196,13 @@ class PipelineChunk(nn.Module):
         )
         return stage
 
-    # ------------------------------------------------------------------------------------------ megatron hooks
-    def set_input_tensor(self, tensor) -> None:
-        """Called by megatron's schedules with the received p2p tensor (a one-element list; None on chunk 0)."""
-        self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+    @property
+    def token_embedding(self) -> nn.Module | None:
+        return self.model.decoder.embed_tokens
 
-    def set_selection_temperature(self, tau: float) -> None:
-        self.model.set_selection_temperature(tau)
-
-    def train(self, mode: bool = True):
-        self.model.training = mode  # the model object is not a registered child (see __init__)
-        return super().train(mode)
+    def p2p_extent(self, batch) -> tuple[int, int]:
+        """(B, S + L): the largest p2p tensor of this batch (the decoder's cat([memory, y], 1))."""
+        return batch.decoder_input.shape[0], source_length(self.model_config, batch) + batch.decoder_input.shape[1]
 
     # ------------------------------------------------------------------------------------------ forward
     def _unpack(self, x: Tensor | None, S: int) -> Hidden | None:
@@ -233,7 +268,8 @@ class PipelineChunk(nn.Module):
 
 
 def global_state_dict_layout(chunk: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """{state-dict key: (global shape, this rank's offsets)} for every tensor of a chunk (or a DDP-wrapped one).
+    """{state-dict key: (global shape, this rank's offsets)} for every tensor of a chunk (or a DDP-wrapped one;
+    encoder-decoder or LM).
 
     TP-sharded tensors: the global shape multiplies `partition_dim` by t and the offset is tp_rank * local size
     (the vocabulary dim is the *padded* Vp; rows >= model_config.vocab_size are padding). Selector logits
@@ -253,7 +289,8 @@ def global_state_dict_layout(chunk: nn.Module) -> dict[str, tuple[tuple[int, ...
         if p is not None and getattr(p, "tensor_model_parallel", False):
             dim = p.partition_dim
             offsets[dim], shape[dim] = tp_rank * shape[dim], shape[dim] * tp_size
-        if p is not None and hasattr(p, "layer_offset"):
-            offsets[1], shape[1] = p.layer_offset, SITES[name.split(".")[1]].num_layers(cfg)
+        if p is not None and hasattr(p, "layer_offset"):  # the LM's one selector ("selector.logits") spans its layers
+            layers = cfg.num_layers if cfg.arch == "lm" else SITES[name.split(".")[1]].num_layers(cfg)
+            offsets[1], shape[1] = p.layer_offset, layers
         layout[name] = (tuple(shape), tuple(offsets))
     return layout

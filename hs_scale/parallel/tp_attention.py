@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from hs_scale.selection.attention import Projections, SelectedHeadAttention
+from hs_scale.selection.gqa import GQASelectedAttention
 from hs_scale.selection.selector import HeadChoice
 
 
@@ -109,6 +110,11 @@ class MegatronProjections(Projections):
 
         return copy_to_tensor_model_parallel_region(x, group=self.tp_group)
 
+    def reduce(self, y: Tensor) -> Tensor:
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        return reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
+
     def dropout_rng(self):
         # Attention dropout acts on this rank's heads: draw it from the TP-rank-specific RNG stream.
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -137,6 +143,22 @@ def shard_attention(layer: SelectedHeadAttention, tp_group) -> SelectedHeadAtten
     for name in ("q_proj", "k_proj", "v_proj"):  # pool heads are row blocks of d: a contiguous split
         shard_linear_(getattr(layer, name), getattr(tp, name), 0, rank, t)
     shard_linear_(layer.out_proj, tp.out_proj, 1, rank, t)
+    tp.train(layer.training)
+    return tp
+
+
+def shard_gqa_attention(layer: GQASelectedAttention, tp_group) -> GQASelectedAttention:
+    """This rank's shard of a single-device GQA layer (the LM): its KV heads' rows of k/v_proj, their slots'
+    candidates' rows of q_proj and columns of o_proj (hs_scale/models/lm/tp_plan.py: all contiguous)."""
+    projections = MegatronProjections(tp_group, layer.q_proj.weight.dtype)
+    rank, t = projections.rank, projections.partitions
+    tp = GQASelectedAttention(
+        layer.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.candidates,
+        qkv_bias=layer.q_proj.bias is not None, o_bias=layer.o_proj.bias is not None, projections=projections,
+    )  # fmt: skip
+    for name in ("q_proj", "k_proj", "v_proj"):
+        shard_linear_(getattr(layer, name), getattr(tp, name), 0, rank, t)
+    shard_linear_(layer.o_proj, tp.o_proj, 1, rank, t)
     tp.train(layer.training)
     return tp
 

@@ -158,6 +158,11 @@ class Projections:
         """The layer's input entering the projections (TP: identity forward, all-reduce of the gradient)."""
         return x
 
+    def reduce(self, y: Tensor) -> Tensor:
+        """Partial outputs of a row-parallel projection computed outside the `row` module (TP: all-reduce
+        forward, identity backward); the bias is added after it."""
+        return y
+
     def dropout_rng(self):
         """Context under which attention dropout draws (TP: this rank's RNG stream)."""
         return contextlib.nullcontext()

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hs_scale.selection.attention import TaskSegments
+from hs_scale.selection.attention import LOCAL, Projections, TaskSegments
 from hs_scale.selection.backends import HAVE_FLASH_ATTN, HAVE_TORCH_VARLEN
 from hs_scale.selection.selector import HeadChoice
 
@@ -175,6 +175,14 @@ class GQASelectedAttention(nn.Module):
       q_proj  D -> P*d   (rows of candidate p at [p*d, (p+1)*d))
       k_proj  D -> G*d,  v_proj  D -> G*d
       o_proj  P*d -> D   (input columns of candidate p at [p*d, (p+1)*d))
+
+    ``projections`` builds them (default: nn.Linear on one device). A tensor-parallel spec with t partitions
+    (hs_scale.parallel.tp_attention.MegatronProjections) gives column-parallel q/k/v and a row-parallel o_proj:
+    this module then holds KV heads [k*G/t, (k+1)*G/t), their H/t slots and P/t candidates (contiguous in the
+    pool layout), ``num_heads`` / ``num_kv_heads`` / ``pool_heads`` are those local counts, and ``choice`` is a
+    local HeadChoice (a TP rank's selector slice). The forward is the same code: the input enters the TP region
+    once, q/k/v are projected with the weights (never the column modules' forward), and the o_proj partial sums
+    are all-reduced once (``projections.reduce``), as for a dense GQA layer under megatron's TP.
     """
 
     def __init__(
@@ -186,25 +194,33 @@ class GQASelectedAttention(nn.Module):
         candidates: int = 1,
         qkv_bias: bool = False,
         o_bias: bool = False,
+        *,
+        projections: Projections = LOCAL,
     ):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
-        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        t = projections.partitions
+        if num_kv_heads % t:
+            raise ValueError(f"tensor_parallel={t} must divide num_kv_heads={num_kv_heads} (ranks own whole KV heads)")
+        pool_heads = num_heads * candidates
+        self.projections = projections
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads // t, num_kv_heads // t
         self.head_dim, self.candidates = head_dim, candidates
-        self.pool_heads = num_heads * candidates
-        self.q_proj = nn.Linear(hidden_size, self.pool_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.pool_heads * head_dim, hidden_size, bias=o_bias)
+        self.pool_heads = pool_heads // t
+        self.q_proj = projections.column(hidden_size, pool_heads * head_dim, qkv_bias)
+        self.k_proj = projections.column(hidden_size, num_kv_heads * head_dim, qkv_bias)
+        self.v_proj = projections.column(hidden_size, num_kv_heads * head_dim, qkv_bias)
+        self.o_proj = projections.row(pool_heads * head_dim, hidden_size, o_bias)
         # NOTE: a pooled layer never calls o_proj as a module (it projects with gathered columns), so a forward
         # pre-hook on o_proj would miss it; this identity is the hook point for head masks (LAHIS) in every layer.
         self.slot_outputs = nn.Identity()
         """Called on [B, T, H*d]: the H slots' attention outputs (slot h at [h*d, (h+1)*d)) before o_proj."""
 
     def extra_repr(self) -> str:
+        shard = f", partitions={self.projections.partitions}" if self.projections.partitions > 1 else ""
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, candidates={self.candidates}, "
-                f"head_dim={self.head_dim}")
+                f"head_dim={self.head_dim}{shard}")
 
     def kv_head_of(self, pool_head: Tensor | int):
         """The KV head a pool candidate reads (module docstring, "Pool layout")."""
@@ -249,16 +265,18 @@ class GQASelectedAttention(nn.Module):
         """
         B, T, D = x_BTD.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x_BTD = self.projections.enter(x_BTD)  # TP: one all-reduce of dL/dx in backward for q, k and v together
         if choice is None:
             if self.candidates != 1:
                 raise ValueError("a layer with r > 1 candidates per slot needs a HeadChoice; pass choice=")
-            q_BTn = self.q_proj(x_BTD)
+            q_BTn = F.linear(x_BTD, self.q_proj.weight, self.q_proj.bias)
         else:
             q_BTn = self._per_task(lambda t, rows: F.linear(rows, *self._q_weights(choice, t)),
                                    x_BTD.reshape(B * T, D), tokens).view(B, T, H * d)
         q_BHTd = apply_rope(q_BTn.view(B, T, H, d).transpose(1, 2), cos_BTd, sin_BTd)
-        k_BGTd = apply_rope(self.k_proj(x_BTD).view(B, T, G, d).transpose(1, 2), cos_BTd, sin_BTd)
-        v_BGTd = self.v_proj(x_BTD).view(B, T, G, d).transpose(1, 2)
+        k_BTn = F.linear(x_BTD, self.k_proj.weight, self.k_proj.bias)
+        k_BGTd = apply_rope(k_BTn.view(B, T, G, d).transpose(1, 2), cos_BTd, sin_BTd)
+        v_BGTd = F.linear(x_BTD, self.v_proj.weight, self.v_proj.bias).view(B, T, G, d).transpose(1, 2)
         if cache is not None:
             if "k" in cache:
                 k_BGTd = torch.cat([cache["k"], k_BGTd], dim=2)
@@ -268,8 +286,9 @@ class GQASelectedAttention(nn.Module):
         out_BHTd = gqa_attention(q_BHTd, k_BGTd, v_BGTd, layout)
         out_ND = self.slot_outputs(out_BHTd.transpose(1, 2).reshape(B, T, H * d)).reshape(B * T, H * d)
         if choice is None:
-            return self.o_proj(out_ND).view(B, T, D)
+            return self.o_proj(out_ND).view(B, T, D)  # a module call: LAHIS's o_proj pre-hook sees dense layers
         y_ND = self._per_task(lambda t, rows: F.linear(rows, self._o_weights(choice, t)), out_ND, tokens)
+        y_ND = self.projections.reduce(y_ND)  # TP: the row-parallel sum over ranks, before the (replicated) bias
         if self.o_proj.bias is not None:
             y_ND = y_ND + self.o_proj.bias
         return y_ND.view(B, T, D)

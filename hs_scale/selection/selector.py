@@ -154,6 +154,9 @@ class HeadSelector(nn.Module):
         self.strategy, self.seed, self.first_layer = strategy, seed, first_layer
         self.partitions, self.rank = partitions, rank
         self.noise_scale = float(noise_scale)  # selection.noise_scale; 0 = deterministic choice in training too
+        self.rank_partitions = 1
+        """Partitions inside this rank's pool slice (`part` keeps a finer split of the full selector: the LM
+        selects per KV head, partitions = G, and a TP rank's slice holds G/t of them)."""
         logits = torch.empty(num_tasks, num_layers, pool_heads).uniform_(*init_range)
         self.logits = nn.Parameter(logits[:, :, self.pool_slice].clone() if rank is not None else logits)
         if rank is not None:
@@ -189,6 +192,7 @@ class HeadSelector(nn.Module):
             if problems or not 0 <= rank < partitions:
                 raise ValueError("; ".join(problems) or f"rank={rank} must lie in [0, partitions={partitions})")
             new.partitions, new.rank = partitions, rank
+            new.rank_partitions = self.partitions // partitions if self.partitions % partitions == 0 else 1
         cols = new.pool_slice if self.rank is None else slice(None)
         new.logits = nn.Parameter(self.logits.detach()[:, layers.start : layers.stop, cols].clone())
         for attr in _SHARD_ATTRS:
@@ -211,7 +215,7 @@ class HeadSelector(nn.Module):
         if self.rank is None:
             return select_heads(logits_KP, self.active_heads, self.strategy, tau, noise_KP, self.partitions)
         noise_KP = None if noise_KP is None else noise_KP[:, self.pool_slice]
-        return select_heads(logits_KP, self.local_active_heads, self.strategy, tau, noise_KP)
+        return select_heads(logits_KP, self.local_active_heads, self.strategy, tau, noise_KP, self.rank_partitions)
 
     def forward(self) -> list[HeadChoice]:
         """One HeadChoice per layer (all K tasks); in training this consumes one draw."""

@@ -8,7 +8,8 @@ the tokens that have a target (IGNORE_INDEX at document ends and padding), optio
 engine divides it by the global token count, so the step minimises the token mean over the global batch, as for
 the encoder-decoders. Per-task sums account each token's nll to its own document's task (a row may mix
 languages). Registered as OBJECTIVES["lm"] (hs_scale.training.objective); the step engine is the one every
-model family uses. Tensor / pipeline parallel LM training is not wired (the config refuses it): no `from_stage`.
+model family uses. Under tensor / pipeline parallelism the last stage (hs_scale.parallel.lm_pipeline) computes the
+same sums with the vocab-parallel cross-entropy, and `from_stage` reads them.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ class LMObjective:
         hits_BL = logits_BLV.argmax(-1) == batch.targets if with_hits else None
         return ObjectiveOutput(loss_sum, nll_BL, batch.targets != IGNORE_INDEX, batch.task_ids, hits_BL=hits_BL)
 
+    def from_stage(self, out: dict, batch: LMBatch) -> ObjectiveOutput:
+        """The last stage's {"loss_sum", "nll_BL", "tokens"} (hs_scale.parallel.lm_pipeline.LMPipelineChunk)."""
+        return ObjectiveOutput(out["loss_sum"], out["nll_BL"], batch.targets != IGNORE_INDEX, batch.task_ids)
+
     def selection_kl(self, module: nn.Module, batch: LMBatch) -> Tensor:
-        """The selector's KL prior averaged over the tasks with a target in this batch (unweighted)."""
+        """The selector's KL prior averaged over the tasks with a target in this batch (unweighted); `module` is
+        the model or a pipeline / TP chunk of it (its selector slice's share)."""
         return module.selection_kl(batch.task_ids[batch.targets != IGNORE_INDEX])
 
     def flop_counter(self, model: nn.Module) -> Callable[[LMBatch], float]:

@@ -57,7 +57,7 @@ def test_lm_trains_and_resumes_exactly(corpus, tmp_path):
 def test_lm_config_refusals(corpus, tmp_path):
     with pytest.raises(ConfigError, match="model.num_kv_heads=3 must divide"):
         _cfg(corpus, tmp_path, 1, num_kv_heads=3)
-    with pytest.raises(ConfigError, match="not wired into the trainer for model.arch=lm"):
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel=4 does not divide model.num_kv_heads=2"):
         raw = _cfg(corpus, tmp_path, 1).to_dict()
-        raw["parallel"]["tensor_parallel"] = 2
+        raw["parallel"]["tensor_parallel"] = 4
         config_from_dict(raw)

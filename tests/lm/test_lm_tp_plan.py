@@ -74,3 +74,40 @@ def test_lm_config_file_builds_a_model():
     assert check_tensor_parallel(cfg, 2) == []
     logits = model(torch.zeros(1, 3, dtype=torch.long), task_BL=torch.tensor([5]))
     assert logits.shape == (1, 3, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("strategy", ["group", "subset"])
+def test_tp_rank_selectors_select_per_kv_head_like_one_process(strategy):
+    """`parallelize_tensor` cuts the LM's selector (partitions = G) into TP parts: with G/t = 2 KV heads per rank
+    each part keeps selecting per KV head (HeadSelector.rank_partitions), so the ranks' draws and tables are the
+    single-process ones restricted to the rank."""
+    cfg = LMConfig(vocab_size=40, hidden_size=64, intermediate_size=32, num_layers=2, num_heads=H, num_kv_heads=G)
+    model = LMModel(cfg, SelectionConfig(strategy=strategy, pool_heads=H * R, seed=5), num_tasks=K).train()
+    with torch.no_grad():
+        model.selector.logits.normal_(0, 2)
+    parts = [model.selector.part(rank=k, partitions=T_SIZE) for k in range(T_SIZE)]
+    assert [p.rank_partitions for p in parts] == [G // T_SIZE] * T_SIZE
+    full, local = model.selector(), [p() for p in parts]
+    P_local, H_local = H * R // T_SIZE, H // T_SIZE
+    for layer in range(cfg.num_layers):
+        joined = torch.cat([c[layer].heads + k * P_local for k, c in enumerate(local)], dim=1)
+        assert joined.tolist() == full[layer].heads.tolist()
+        assert all(c[layer].heads.shape == (K, H_local) for c in local)
+    tables = [p.table() for p in parts]
+    joined = [[sum((t[k][layer] for t in tables), []) for layer in range(cfg.num_layers)] for k in range(K)]
+    assert joined == model.selector.table()
+
+
+def test_config_refuses_a_tp_size_that_does_not_divide_the_kv_heads():
+    from hs_scale.config import ConfigError, config_from_dict
+
+    raw = {"model": {"arch": "lm", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
+                     "num_heads": 4, "num_kv_heads": 2},
+           "selection": {"pool_heads": 8, "task_key": "lang"},
+           "data": {"manifest": "unused", "modality": "lm", "task_key": "lang"},
+           "parallel": {"tensor_parallel": 4}}
+    with pytest.raises(ConfigError, match=r"parallel.tensor_parallel=4 does not divide model.num_kv_heads=2.*"
+                                          r"use tensor_parallel in \[1, 2\]"):
+        config_from_dict(raw)
+    raw["parallel"] = {"tensor_parallel": 2, "pipeline_parallel": 2}  # TP, PP and TP x PP load
+    assert config_from_dict(raw).parallel.model_parallel == 4

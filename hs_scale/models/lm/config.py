@@ -35,7 +35,8 @@ class LMConfig:
     """H, query-head slots per layer (each slot picks one of r candidates when selection is on)."""
 
     num_kv_heads: int = 2
-    """KV heads (grouped-query attention); must divide num_heads. Equal to num_heads: plain multi-head."""
+    """KV heads (grouped-query attention); must divide num_heads. Equal to num_heads: plain multi-head. Under
+    tensor parallelism parallel.tensor_parallel must divide it (a TP rank owns whole KV heads)."""
 
     head_dim: int | None = None
     """Width d of every head; None means hidden_size // num_heads (Mistral-family checkpoints may set it)."""

@@ -192,7 +192,7 @@ class LMModel(nn.Module):
     def selection_kl(self, task_ids: Tensor | None = None) -> Tensor:
         """KL(q(z) || Bernoulli(H/P)) of the selector, unweighted; zero for a dense model."""
         if self.selector is None:
-            return torch.zeros((), device=self.embed_tokens.weight.device)
+            return torch.zeros((), device=next(self.parameters()).device)
         return self.selector.kl(task_ids)
 
     def set_selection_temperature(self, tau: float) -> None:
@@ -231,8 +231,16 @@ class LMModel(nn.Module):
         """logits_BLV of the next token after each input token (module docstring for the arguments)."""
         return self.logits(self.hidden_states(input_ids_BL, task_BL, position_ids_BL, doc_ids_BL, cache))
 
-    def hidden_states(self, input_ids_BL, task_BL=None, position_ids_BL=None, doc_ids_BL=None, cache=None) -> Tensor:
-        """Final normed hidden states [B, L, D] (``forward`` without the LM head)."""
+    def hidden_states(self, input_ids_BL, task_BL=None, position_ids_BL=None, doc_ids_BL=None, cache=None,
+                      hidden_BLD: Tensor | None = None) -> Tensor:
+        """Final normed hidden states [B, L, D] (``forward`` without the LM head).
+
+        Pipeline stages (hs_scale/parallel/lm_pipeline.py) are this model with the modules a stage does not own
+        set to None: ``hidden_BLD`` given means "continue from a previous stage's states" instead of embedding
+        ``input_ids_BL`` (still needed for the shapes), ``layers`` may hold only some global layers (a LayerDict;
+        the selector then holds the same layers), and no ``norm`` returns the last held layer's states. Tasks,
+        documents and positions are recomputed from the batch on every stage: only hidden states travel.
+        """
         cfg = self.config
         B, L = input_ids_BL.shape
         device = input_ids_BL.device
@@ -249,7 +257,7 @@ class LMModel(nn.Module):
                 f"(model.sliding_window={cfg.sliding_window}) is not implemented; use shorter documents"
             )
 
-        x_BLD = self.embed_tokens(input_ids_BL)
+        x_BLD = self.embed_tokens(input_ids_BL) if hidden_BLD is None else hidden_BLD
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_BLD.dtype
         layout = DocumentLayout.build(docs_BS, L, resolve_backend(cfg.attention_backend, device, dtype))
         cos_BLd, sin_BLd = rope_tables(position_ids_BL, cfg.head_dim, cfg.rope_theta, x_BLD.dtype,
@@ -268,7 +276,7 @@ class LMModel(nn.Module):
             x_BLD = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         if cache is not None:
             cache.doc_ids_BS = docs_BS
-        return self.norm(x_BLD)
+        return x_BLD if self.norm is None else self.norm(x_BLD)
 
     def logits(self, h_BLD: Tensor) -> Tensor:
         """logits_BLV; with tied embeddings the embedding matrix is the LM head."""

@@ -12,8 +12,9 @@ The pool layout (hs_scale.selection.gqa) keeps everything a KV head needs contig
     because every partition of the pool is one KV head's candidates: selection needs no communication.
   * MLP: gate_proj / up_proj rows (column-parallel), down_proj columns (row-parallel);
     embed_tokens / lm_head: vocabulary rows (vocab-parallel); norms replicated.
-``shard_state_dict`` applies this plan (checkpoint resharding, tests); the parallel wrappers live in
-hs_scale/parallel.
+``shard_state_dict`` applies this plan to a state dict (tests); the trainer's TP shards are made by
+hs_scale/parallel/tp_model.py (`parallelize_tensor`: megatron column/row-parallel linears) and its pipeline stages
+by hs_scale/parallel/lm_pipeline.py (vocab-parallel embedding, LM head and loss).
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ SPLIT_DIM = {
 
 
 def check_tensor_parallel(cfg: LMConfig, tp_size: int) -> list[str]:
-    """Problems (one actionable line each) that make ``tp_size`` impossible for this model; empty if none."""
+    """Problems (one actionable line each) that make ``tp_size`` impossible for this model; empty if none.
+
+    The run config refuses them at load time. The vocabulary is not checked: the trainer pads it to a multiple of
+    t (hs_scale.parallel.layout.padded_vocab_size); ``shard_state_dict`` below, which does not pad, checks it.
+    """
     problems = []
     if cfg.num_kv_heads % tp_size:
         fits = [t for t in range(1, cfg.num_kv_heads + 1) if cfg.num_kv_heads % t == 0]
@@ -43,9 +48,9 @@ def check_tensor_parallel(cfg: LMConfig, tp_size: int) -> list[str]:
             f"parallel.tensor_parallel={tp_size} does not divide model.num_kv_heads={cfg.num_kv_heads}: each TP "
             f"rank owns whole KV heads with their query slots and candidates; use tensor_parallel in {fits}"
         )
-    for name in ("intermediate_size", "vocab_size"):
-        if getattr(cfg, name) % tp_size:
-            problems.append(f"model.{name}={getattr(cfg, name)} is not divisible by tensor_parallel={tp_size}")
+    if cfg.intermediate_size % tp_size:
+        problems.append(f"model.intermediate_size={cfg.intermediate_size} is not divisible by "
+                        f"parallel.tensor_parallel={tp_size}; use a multiple of {tp_size}")
     return problems
 
 
@@ -60,6 +65,8 @@ def split_dim(name: str) -> int | None:
 def shard_state_dict(state: dict[str, Tensor], cfg: LMConfig, tp_size: int, rank: int) -> dict[str, Tensor]:
     """Rank ``rank``'s slices of a full (our-named) state dict under the plan of the module docstring."""
     problems = check_tensor_parallel(cfg, tp_size)
+    if cfg.vocab_size % tp_size:
+        problems.append(f"model.vocab_size={cfg.vocab_size} is not divisible by tensor_parallel={tp_size}")
     if problems:
         raise ValueError("; ".join(problems))
     shards = {}
