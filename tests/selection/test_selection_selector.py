@@ -180,3 +180,17 @@ def test_temperature_annealing():
     assert cfg.temperature_at(0) == 5.0
     assert cfg.temperature_at(100) == pytest.approx(5.0 * math.exp(-1.0))
     assert cfg.temperature_at(10_000) == 0.5
+
+
+def test_every_model_family_passes_noise_scale_to_its_selectors():
+    from _configs import tiny_model_config
+
+    from hs_scale.models import build_model
+    from hs_scale.models.lm.config import LMConfig
+    from hs_scale.models.lm.model import LMModel
+
+    selection = SelectionConfig(pool_heads=8, noise_scale=0.0)
+    seq2seq = build_model(tiny_model_config("text", num_heads=4), selection, 2)
+    lm = LMModel(LMConfig(num_heads=4, num_kv_heads=2, hidden_size=32), selection, 2)
+    selectors = [*seq2seq.selectors.values(), lm.selector]
+    assert len(selectors) == 4 and all(sel.noise_scale == 0.0 for sel in selectors)

@@ -153,6 +153,7 @@ class LMModel(nn.Module):
                 num_tasks, cfg.num_layers, selection.pool_heads, cfg.num_heads,
                 strategy=selection.strategy, temperature=selection.temperature, seed=selection.seed,
                 init_range=(selection.init_low, selection.init_high), partitions=cfg.num_kv_heads,
+                noise_scale=selection.noise_scale,
             )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LMDecoderLayer(cfg, self.candidates) for _ in range(cfg.num_layers))
