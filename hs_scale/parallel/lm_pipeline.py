@@ -57,18 +57,9 @@ class LMPipelineChunk(ModelChunk):
     """
 
     def __init__(self, full: nn.Module, chunk: int, num_chunks: int, groups: ParallelGroups, tconfig, vp_stage=None):
-        super().__init__()
-        from megatron.core.enums import ModelType
-
+        super().__init__(full, chunk, num_chunks, groups, tconfig, vp_stage)  # p2p_shape: (B, L)
         cfg = full.config
-        self.model_config, self.config, self.vp_stage = cfg, tconfig, vp_stage
-        self.model_type = ModelType.encoder_or_decoder
-        self.chunk, self.num_chunks, self.groups = chunk, num_chunks, groups
         self.layer_range = lm_chunk_layers(cfg.num_layers, num_chunks, chunk)
-        self.first, self.last = chunk == 0, chunk == num_chunks - 1
-        self.input_tensor: Tensor | None = None
-        self.p2p_shape: tuple[int, int] | None = None  # (B, L) fixed p2p shape, or None for variable lengths
-        self.label_smoothing = 0.0
         self.embedding_chunks = lm_embedding_chunks(cfg.tie_embeddings, num_chunks)
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, groups.tp_size)
         self.embedding_shape = (self.padded_vocab // groups.tp_size, cfg.hidden_size)

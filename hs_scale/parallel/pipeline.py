@@ -98,6 +98,18 @@ class ModelChunk(nn.Module):
     embedding_chunks: set[int]
     embedding_shape: tuple[int, int]
 
+    def __init__(self, full: nn.Module, chunk: int, num_chunks: int, groups: ParallelGroups, tconfig, vp_stage=None):
+        super().__init__()
+        from megatron.core.enums import ModelType
+
+        self.model_config, self.config, self.vp_stage = full.config, tconfig, vp_stage
+        self.model_type = ModelType.encoder_or_decoder
+        self.chunk, self.num_chunks, self.groups = chunk, num_chunks, groups
+        self.first, self.last = chunk == 0, chunk == num_chunks - 1
+        self.input_tensor: Tensor | None = None
+        self.p2p_shape: tuple[int, int] | None = None  # fixed p2p shape, or None for variable lengths
+        self.label_smoothing = 0.0
+
     def _adopt(self, stage: nn.Module, full: nn.Module) -> None:
         # NOTE: the stage model itself is kept out of the module tree (object.__setattr__) and its children are
         # registered here instead: the keys stay `encoder.layers.3...`, not `model.encoder.layers.3...`.
@@ -138,19 +150,10 @@ class PipelineChunk(ModelChunk):
     """
 
     def __init__(self, full: nn.Module, chunk: int, num_chunks: int, groups: ParallelGroups, tconfig, vp_stage=None):
-        super().__init__()
-        from megatron.core.enums import ModelType
-
+        super().__init__(full, chunk, num_chunks, groups, tconfig, vp_stage)  # p2p_shape: (B, N)
         cfg = full.config
-        self.model_config, self.config, self.vp_stage = cfg, tconfig, vp_stage
-        self.model_type = ModelType.encoder_or_decoder
-        self.chunk, self.num_chunks, self.groups = chunk, num_chunks, groups
         self.enc_range, self.dec_range = chunk_layers(cfg.encoder_layers, cfg.decoder_layers, num_chunks, chunk)
-        self.first, self.last = chunk == 0, chunk == num_chunks - 1
         self.starts_decoder = 0 in self.dec_range
-        self.input_tensor: Tensor | None = None
-        self.p2p_shape: tuple[int, int] | None = None  # (B, N) fixed p2p shape, or None for variable lengths
-        self.label_smoothing = 0.0
         self.embedding_chunks = embedding_chunks(cfg.arch, cfg.tie_embeddings, cfg.encoder_layers,
                                                  cfg.decoder_layers, num_chunks)
         self.embedding_shape = (padded_vocab_size(cfg.vocab_size, groups.tp_size) // groups.tp_size, cfg.d_model)
