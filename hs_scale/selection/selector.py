@@ -224,11 +224,9 @@ class HeadSelector(nn.Module):
         for layer in range(self.num_layers):
             noise = None
             if self.training and self.noise_scale > 0:
-                noise = selection_noise(
+                noise = self.noise_scale * selection_noise(  # x * 1.0 == x: the paper's draws bit for bit
                     self.seed, draw, self.first_layer + layer, self.num_tasks, self.pool_heads
                 ).to(self.logits.device)
-                if self.noise_scale != 1.0:
-                    noise = noise * self.noise_scale
             choices.append(self._choose(layer, noise))
         if self.training:
             self.draws += 1
